@@ -1,0 +1,1 @@
+"""clipforge.data_tools: write, stream, check and describe webdataset image-caption shards."""

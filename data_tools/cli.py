@@ -1,0 +1,209 @@
+"""``clipforge-data``: write, describe, verify and merge webdataset shards; the demo dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from clipforge.data_tools.images import IMAGE_FORMATS, RESIZE_MODES
+from clipforge.data_tools.reader import ShardSpecError
+from clipforge.data_tools.shardformat import ManifestError
+from clipforge.data_tools.sources import SourceError
+
+
+def _part(value: str) -> tuple[int, int]:
+    try:
+        i_str, n_str = value.split("/")
+        i, n = int(i_str), int(n_str)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part wants I/N (e.g. 3/8), got {value!r}") from None
+    if not (n > 0 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--part {value}: need 0 <= I < N")
+    return i, n
+
+
+def _rgb(value: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+        raise argparse.ArgumentTypeError(f"--background wants R,G,B in 0..255, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("write", help="write a folder or table of images + captions as shards")
+    w.add_argument(
+        "src",
+        help="folder of images with same-stem .txt captions, or a .csv/.tsv/.jsonl/.parquet table",
+    )
+    w.add_argument("out_dir")
+    w.add_argument("--image-size", type=int, default=224)
+    w.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
+    w.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
+    w.add_argument("--quality", type=int, default=95, help="jpg/webp quality (1-100)")
+    w.add_argument(
+        "--min-size", type=int, default=0, help="skip images whose shorter side is below this"
+    )
+    w.add_argument("--shard-size", type=int, default=10000, help="input rows per shard")
+    w.add_argument("--workers", type=int, default=1)
+    w.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
+    w.add_argument(
+        "--part",
+        type=_part,
+        default=(0, 1),
+        metavar="I/N",
+        help="write only the I-th of N disjoint slices (SLURM arrays, ranks)",
+    )
+    w.add_argument("--image-column", help="table column with image paths (default: guess)")
+    w.add_argument("--caption-column", help="table column with captions (default: guess)")
+    w.add_argument(
+        "--background",
+        type=_rgb,
+        default=(255, 255, 255),
+        metavar="R,G,B",
+        help="colour transparency is composited onto (and pad fills with)",
+    )
+    w.add_argument("--no-resume", action="store_true", help="rewrite shards already complete")
+    w.add_argument("--no-progress", action="store_true")
+
+    m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
+    m.add_argument("out_dir")
+
+    s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
+    s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--workers", type=int, default=2)
+
+    v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
+    v.add_argument("shards")
+    v.add_argument("--workers", type=int, default=2)
+
+    d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
+    d.add_argument("out_dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except (SourceError, ShardSpecError, ManifestError, ValueError, FileNotFoundError) as e:
+        print(f"clipforge-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _write(args: argparse.Namespace) -> int:
+    from clipforge.data_tools.writer import WriteConfig, write_shards
+
+    config = WriteConfig(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        image_format=args.image_format,
+        quality=args.quality,
+        min_size=args.min_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        prefix=args.prefix,
+        part_index=args.part[0],
+        part_count=args.part[1],
+        background=args.background,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        resume=not args.no_resume,
+    )
+    result = write_shards(args.src, args.out_dir, config, progress=not args.no_progress)
+    st = result.stats
+    print(
+        f"{result.manifest.samples} samples in {len(result.manifest.shards)} shards "
+        f"({result.written} written, {result.reused} already complete) -> {result.manifest_path}"
+    )
+    print(
+        f"{st['failed']} of {st['inputs']} inputs skipped"
+        + (f": {json.dumps(st['failures'])}" if st["failed"] else "")
+    )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from clipforge.data_tools.writer import merge_part_manifests
+
+    result = merge_part_manifests(args.out_dir)
+    print(
+        f"{result.manifest.samples} samples in {len(result.manifest.shards)} shards "
+        f"-> {result.manifest_path}"
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from clipforge.data_tools.inspect import shard_stats
+
+    st = shard_stats(args.shards, workers=args.workers)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"{'shard':<48} {'samples':>8} {'MB':>8} {'caption':>8}  formats")
+    for row in st["per_shard"]:
+        name = row["shard"] if len(row["shard"]) <= 48 else "..." + row["shard"][-45:]
+        print(
+            f"{name:<48} {row['samples']:>8} {row['bytes'] / 1e6:>8.2f} "
+            f"{row['caption_chars_mean']:>8}  {row['image_formats']}"
+        )
+    cc, w, h = st["caption_chars"], st["image_width"], st["image_height"]
+    print(
+        f"\n{st['samples']} samples in {st['shards']} shards, {st['image_bytes'] / 1e6:.1f} MB "
+        f"of images {st['image_formats']}"
+    )
+    print(
+        f"caption chars: mean {cc['mean']}, p5 {cc['p5']}, p50 {cc['p50']}, p95 {cc['p95']}, "
+        f"max {cc['max']}; words mean {st['caption_words']['mean']}"
+    )
+    print(
+        f"image size: width {w['min']}..{w['max']} (p50 {w['p50']}), "
+        f"height {h['min']}..{h['max']} (p50 {h['p50']})"
+    )
+    if st["problems"]:
+        print(f"{st['problems']} problems found: run `clipforge-data verify` for the list")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from clipforge.data_tools.inspect import verify_shards
+
+    problems = verify_shards(args.shards, workers=args.workers)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("verify: all shards clean")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from clipforge.data_tools.demo import write_demo_shards
+
+    manifest = write_demo_shards(args.out_dir)
+    print(
+        f"wrote the emoji demo dataset: {manifest.samples} samples in "
+        f"{len(manifest.shards)} shards -> {args.out_dir}"
+    )
+    return 0
+
+
+_COMMANDS = {
+    "write": _write,
+    "merge-manifests": _merge,
+    "stats": _stats,
+    "verify": _verify,
+    "demo": _demo,
+}

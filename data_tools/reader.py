@@ -1,0 +1,575 @@
+"""Stream samples from webdataset shards: the input pipeline of pretrain, index and eval.
+
+Stages, each a generator over the previous one (see :class:`ShardStream`):
+
+1. shard list   -- this (rank, worker)'s shards: a disjoint slice for an exact pass, or an
+                   endless seeded draw with replacement (weighted across sources) when resampled;
+2. tar members  -- members grouped into samples by key; unreadable or truncated shards counted;
+3. shuffle      -- a seeded shuffle buffer over undecoded samples (cheap to hold);
+4. skip         -- on resume, the samples this worker already delivered are dropped undecoded;
+5. decode       -- image -> RGB (alpha composited) -> per-sample transform; caption -> str;
+6. batch        -- stack images, per-batch transform, tokenize all captions in one call.
+
+Error policy: a bad sample (undecodable image, missing image or caption, non-UTF-8 caption) or a
+bad shard is skipped and counted by reason -- never silently, never with a sleep -- unless
+``on_error="raise"``. Counts travel with each batch (``batch["skipped"]``) from the worker
+processes and are summed by :class:`ShardLoader` into ``loader.skipped``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+from clipforge.data_tools.images import ImageDecodeError, decode_image, to_rgb
+from clipforge.data_tools.shardformat import (
+    IMAGE_MEMBER_EXTENSIONS,
+    ManifestError,
+    read_manifest,
+    split_member_name,
+)
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+SKIP_REASONS = (
+    "corrupt_image",
+    "missing_image",
+    "missing_caption",
+    "bad_caption",
+    "truncated_shard",
+    "unreadable_shard",
+)
+
+
+class ShardSpecError(ValueError):
+    """A SHARDS specification names nothing, or something that is not a shard."""
+
+
+class DataError(RuntimeError):
+    """A bad sample or shard under ``on_error="raise"`` (the message names shard and key)."""
+
+
+# ----------------------------------------------------------------------------- shard specs
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One data source: a list of shard URLs with a mixing weight."""
+
+    urls: tuple[str, ...]
+    """Shard paths or URLs (``pipe:``, ``http(s)://``, ... are opened with webdataset's gopen)."""
+    weight: float = 1.0
+    """Relative share of samples drawn from this source when resampling."""
+    sample_counts: tuple[int | None, ...] = ()
+    """Samples per shard from ``manifest.json`` (None where unknown)."""
+
+    @property
+    def samples(self) -> int | None:
+        """Total samples, when the manifest knows every shard."""
+        if not self.sample_counts or any(c is None for c in self.sample_counts):
+            return None
+        return sum(c for c in self.sample_counts if c is not None)
+
+
+def parse_shard_spec(spec: str | Sequence[str]) -> list[ShardSource]:
+    """Turn a SHARDS specification into sources.
+
+    ``spec`` is one or more items (a list, or one string joined with ``::``); an item is a folder
+    (every ``*.tar`` in it), a brace pattern (``data/train-{000000..000099}.tar``), a glob, a file
+    or a URL, optionally followed by ``@WEIGHT`` for mixing (``a/{0..9}.tar@1::b/{0..9}.tar@3``).
+    """
+    items = spec.split("::") if isinstance(spec, str) else list(spec)
+    items = [item.strip() for item in items if item.strip()]
+    if not items:
+        raise ShardSpecError("no shards given (empty SHARDS specification)")
+    return [_parse_source(item) for item in items]
+
+
+def _parse_source(item: str) -> ShardSource:
+    weight = 1.0
+    head, at, tail = item.rpartition("@")
+    if at and "/" not in tail:
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise ShardSpecError(f"{item!r}: mixing weight {tail!r} is not a number") from None
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ShardSpecError(f"{item!r}: mixing weight must be > 0, got {tail}")
+        item = head
+    urls = _expand(item)
+    return ShardSource(tuple(urls), weight, tuple(_manifest_counts(urls)))
+
+
+def _expand(item: str) -> list[str]:
+    if "://" in item or item.startswith("pipe:"):
+        return list(braceexpand.braceexpand(item))
+    path = Path(item)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise ShardSpecError(f"{item}: folder holds no .tar shards")
+        return urls
+    urls = []
+    for expanded in braceexpand.braceexpand(item):
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        urls.extend(matches)
+    missing = [u for u in urls if not Path(u).is_file()]
+    if not urls or missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ShardSpecError(f"{item}: no such shard file(s): {shown or item}")
+    return urls
+
+
+def _manifest_counts(urls: list[str]) -> list[int | None]:
+    """Per-shard sample counts from the manifests beside local shards (None where unknown)."""
+    by_folder: dict[Path, dict[str, int]] = {}
+    counts: list[int | None] = []
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            counts.append(None)
+            continue
+        folder = Path(url).parent
+        if folder not in by_folder:
+            try:
+                manifest = read_manifest(folder)
+            except ManifestError:
+                manifest = None  # a damaged manifest only costs us the counts; verify reports it
+            by_folder[folder] = (
+                {} if manifest is None else {s.name: s.samples for s in manifest.shards}
+            )
+        counts.append(by_folder[folder].get(Path(url).name))
+    return counts
+
+
+def check_exact_pass(num_shards: int, world_size: int, num_workers: int) -> None:
+    """An exact pass splits shards over ranks x workers; fewer shards than that cannot work."""
+    readers = world_size * max(num_workers, 1)
+    if num_shards < readers:
+        raise ShardSpecError(
+            f"an exact pass needs at least one shard per reader: {num_shards} shard(s) for "
+            f"{world_size} rank(s) x {max(num_workers, 1)} worker(s) = {readers} readers. "
+            f"Use fewer workers, write smaller shards (--shard-size), or resample."
+        )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class _RawSample:
+    key: str
+    url: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+class _Skips:
+    """Per-worker skip counter; ``take()`` hands over the counts since the last call."""
+
+    def __init__(self, on_error: str) -> None:
+        self.on_error = on_error
+        self.pending: Counter[str] = Counter()
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        if self.on_error == "raise":
+            raise DataError(f"{where}: {reason}: {detail}")
+        self.pending[reason] += 1
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), Counter()
+        return out
+
+
+def _open_url(url: str) -> Any:
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb", buffering=1 << 20)
+
+
+def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
+    """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal."""
+    current: _RawSample | None = None
+    try:
+        with _open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
+                    continue  # e.g. webdataset's __index__ members
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = _RawSample(key, url)
+                current.members[ext.lower()] = data
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        # The last, possibly incomplete sample of a damaged shard is dropped: it is not trusted.
+        reason = "unreadable_shard" if current is None else "truncated_shard"
+        skips.add(reason, url, f"{type(e).__name__}: {e}")
+        return
+    if current is not None:
+        yield current
+
+
+def shuffle_buffer(
+    samples: Iterator[_RawSample], size: int, rng: random.Random
+) -> Iterator[_RawSample]:
+    """Stage 3: a shuffle buffer of ``size`` samples (``size <= 1``: no shuffling)."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[_RawSample] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def _stable_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process (unlike ``hash`` of a str)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How a :class:`ShardStream` reads."""
+
+    batch_size: int = 64
+    """Samples per batch."""
+    resampled: bool = False
+    """Endless seeded draws of shards with replacement (training) instead of one exact pass."""
+    shuffle_buffer: int = 0
+    """Shuffle buffer size in samples (0: read in shard order)."""
+    seed: int = 0
+    """Seed of shard order, shuffle buffer and augmentation."""
+    drop_last: bool = False
+    """Drop a worker's final incomplete batch (exact pass)."""
+    on_error: str = "skip"
+    """``skip``: count bad samples and go on; ``raise``: stop at the first one."""
+    caption_key: str = "txt"
+    """Member extension holding the caption."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream is: restart a :class:`ShardStream` from here to continue exactly."""
+
+    epoch: int = 0
+    """Exact-pass epoch (or resampling round) being read."""
+    consumed: tuple[int, ...] = ()
+    """Per logical worker: raw samples (post-shuffle, pre-decode) behind its delivered batches."""
+    next_worker: int = 0
+    """The logical worker whose batch comes next (DataLoader workers take turns)."""
+
+
+class ShardStream(IterableDataset):
+    """Batches of decoded, transformed samples from shards, split by rank and worker.
+
+    Each batch is a dict: ``image`` ``(B, 3, H, W)`` (after the batch transform), ``text``
+    (tokens, or the list of captions when no tokenizer is given), ``caption``, ``key``, ``url``,
+    ``meta`` (each sample's parsed .json or None), ``skipped`` (counts by reason since the
+    previous batch of this worker), ``worker`` and ``consumed`` (for :class:`StreamPosition`).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSource],
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        config: ReaderConfig = ReaderConfig(),
+        rank: int = 0,
+        world_size: int = 1,
+        position: StreamPosition = StreamPosition(),
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ShardSpecError("no shard sources given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.sources = list(sources)
+        self.image_transform = image_transform
+        self.batch_transform = batch_transform
+        self.tokenizer = tokenizer
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.position = position
+
+    @property
+    def num_shards(self) -> int:
+        return sum(len(s.urls) for s in self.sources)
+
+    def set_position(self, position: StreamPosition) -> None:
+        """Where the next iteration starts (call before creating the DataLoader iterator)."""
+        self.position = position
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        num_workers = 1 if info is None else info.num_workers
+        physical = 0 if info is None else info.id
+        # Rotate worker identities so that after a resume the DataLoader's first worker is the
+        # logical worker whose batch was due next.
+        worker = (physical + self.position.next_worker) % num_workers
+        consumed = self.position.consumed[worker] if self.position.consumed else 0
+        epoch = self.position.epoch
+        seed = (self.config.seed, epoch, self.rank, worker)
+        rng = random.Random(repr(seed))
+        skips = _Skips(self.config.on_error)
+
+        urls = self._shard_urls(rng, worker, num_workers, epoch)
+        raw = (s for url in urls for s in iter_tar_samples(url, skips))
+        raw = shuffle_buffer(raw, self.config.shuffle_buffer, rng)
+        yield from self._batches(raw, skips, worker, consumed, seed)
+
+    def _shard_urls(
+        self, rng: random.Random, worker: int, num_workers: int, epoch: int
+    ) -> Iterator[str]:
+        if self.config.resampled:
+            weights = [s.weight for s in self.sources]
+            while True:
+                (source,) = rng.choices(self.sources, weights=weights)
+                yield rng.choice(source.urls)
+        urls = [u for s in self.sources for u in s.urls]
+        check_exact_pass(len(urls), self.world_size, num_workers)
+        if self.config.shuffle_buffer > 1:
+            random.Random(repr((self.config.seed, epoch))).shuffle(urls)  # same on every rank
+        reader = self.rank * num_workers + worker
+        yield from urls[reader :: self.world_size * num_workers]
+
+    def _batches(
+        self,
+        raw: Iterator[_RawSample],
+        skips: _Skips,
+        worker: int,
+        consumed: int,
+        seed: tuple[int, ...],
+    ) -> Iterator[dict[str, Any]]:
+        images: list[torch.Tensor] = []
+        rows: list[tuple[str, str, str, Any]] = []
+        n_raw = 0
+        for sample in raw:
+            n_raw += 1
+            if n_raw <= consumed:
+                continue  # stage 4: already delivered before the resume
+            decoded = self._decode(sample, skips, seed, n_raw)
+            if decoded is None:
+                continue
+            images.append(decoded[0])
+            rows.append(decoded[1:])
+            if len(images) == self.config.batch_size:
+                yield self._collate(images, rows, skips, worker, n_raw)
+                images, rows = [], []
+        if images and not self.config.drop_last:
+            yield self._collate(images, rows, skips, worker, n_raw)
+        elif skips.pending:  # hand the last counts over in an empty batch
+            yield self._collate([], [], skips, worker, n_raw)
+
+    def _decode(
+        self, sample: _RawSample, skips: _Skips, seed: tuple[int, ...], n_raw: int
+    ) -> tuple[torch.Tensor, str, str, str, Any] | None:
+        where = f"{sample.url}:{sample.key}"
+        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in sample.members), None)
+        if ext is None:
+            skips.add("missing_image", where, f"no image member among {sorted(sample.members)}")
+            return None
+        caption_bytes = sample.members.get(self.config.caption_key)
+        if caption_bytes is None:
+            skips.add("missing_caption", where, f"no .{self.config.caption_key} member")
+            return None
+        try:
+            caption = caption_bytes.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            skips.add("bad_caption", where, f"caption is not UTF-8 ({e})")
+            return None
+        if not caption:
+            skips.add("bad_caption", where, "caption is empty")
+            return None
+        try:
+            img = to_rgb(decode_image(sample.members[ext]))
+        except ImageDecodeError as e:
+            skips.add("corrupt_image", where, str(e))
+            return None
+        # Seeding per sample position makes random augmentation independent of what came before,
+        # so skipping samples on resume reproduces the uninterrupted run exactly.
+        torch.manual_seed(_stable_seed(*seed, n_raw))
+        image = self.image_transform(img)
+        meta = None
+        if "json" in sample.members:
+            try:
+                meta = json.loads(sample.members["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = None
+        return image, caption, sample.key, sample.url, meta
+
+    def _collate(
+        self,
+        images: list[torch.Tensor],
+        rows: list[tuple[str, str, str, Any]],
+        skips: _Skips,
+        worker: int,
+        n_raw: int,
+    ) -> dict[str, Any]:
+        captions = [r[0] for r in rows]
+        batch_images = torch.stack(images) if images else torch.empty(0)
+        if images and self.batch_transform is not None:
+            batch_images = self.batch_transform(batch_images)
+        text: Any = captions
+        if self.tokenizer is not None and captions:
+            text = self.tokenizer(captions)
+        return {
+            "image": batch_images,
+            "text": text,
+            "caption": captions,
+            "key": [r[1] for r in rows],
+            "url": [r[2] for r in rows],
+            "meta": [r[3] for r in rows],
+            "skipped": skips.take(),
+            "worker": worker,
+            "consumed": n_raw,
+        }
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+class ShardLoader:
+    """A DataLoader over a :class:`ShardStream` that sums skip counts and tracks the position.
+
+    Iterating yields the non-empty batches; ``skipped`` holds counts by reason so far,
+    ``samples`` the samples delivered, and ``position`` what to save for an exact resume.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int = 1,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not stream.config.resampled:
+            check_exact_pass(stream.num_shards, stream.world_size, num_workers)
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        self.skipped: Counter[str] = Counter()
+        self.samples = 0
+        n = max(num_workers, 1)
+        start = stream.position
+        self._consumed = list(start.consumed) if start.consumed else [0] * n
+        if len(self._consumed) != n:
+            raise ValueError(
+                f"the saved data position is for {len(self._consumed)} workers, this loader has "
+                f"{n}: resume with the same number of data workers"
+            )
+        self._next_worker = start.next_worker
+        self._epoch = start.epoch
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self._epoch, tuple(self._consumed), self._next_worker)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.set_position(self.position)
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+        )
+        n = max(self.num_workers, 1)
+        for batch in loader:
+            self.skipped.update(batch["skipped"])
+            self._consumed[batch["worker"]] = batch["consumed"]
+            self._next_worker = (batch["worker"] + 1) % n
+            if batch["caption"]:
+                self.samples += len(batch["caption"])
+                yield batch
+        if not self.stream.config.resampled:  # the pass is complete: the next one starts fresh
+            self._epoch += 1
+            self._consumed = [0] * n
+            self._next_worker = 0
+
+
+def make_loader(
+    shards: str | Sequence[str],
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    config: ReaderConfig = ReaderConfig(),
+    num_workers: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    position: StreamPosition = StreamPosition(),
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """Build the standard loader for a SHARDS specification (see :func:`parse_shard_spec`)."""
+    stream = ShardStream(
+        parse_shard_spec(shards),
+        image_transform,
+        batch_transform,
+        tokenizer,
+        config,
+        rank,
+        world_size,
+        position,
+    )
+    return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def count_samples(shards: str | Sequence[str]) -> int | None:
+    """Total samples per the manifests, or None when some shard is not in a manifest."""
+    totals = [s.samples for s in parse_shard_spec(shards)]
+    return None if any(t is None for t in totals) else sum(t for t in totals if t is not None)
+
+
+__all__ = [
+    "SKIP_REASONS",
+    "DataError",
+    "ReaderConfig",
+    "ShardLoader",
+    "ShardSource",
+    "ShardSpecError",
+    "ShardStream",
+    "StreamPosition",
+    "check_exact_pass",
+    "count_samples",
+    "iter_tar_samples",
+    "make_loader",
+    "parse_shard_spec",
+]
