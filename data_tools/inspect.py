@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.data_tools.images import ImageDecodeError, decode_image
-from clipforge.data_tools.reader import _open_url, parse_shard_spec
+from clipforge.data_tools.reader import parse_shard_spec
 from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
     ManifestError,
+    ShardReadError,
+    iter_tar_members,
     read_manifest,
     sha256_file,
     split_member_name,
@@ -63,43 +64,25 @@ def scan_shard(url: str, full_decode: bool) -> ShardScan:
     order: list[str] = []
     last_key: str | None = None
     try:
-        with _open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                scan.bytes += len(data)
-                if key != last_key and key in samples:
-                    scan.problems.append(
-                        Problem(
-                            url,
-                            info.name,
-                            "key_collision",
-                            f"key {key!r} appears twice in the shard",
-                        )
-                    )
-                    continue
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                if ext in samples[key]:
-                    scan.problems.append(
-                        Problem(
-                            url, info.name, "key_collision", f"member {info.name!r} appears twice"
-                        )
-                    )
-                samples[key][ext.lower()] = data
-                last_key = key
-    except (tarfile.ReadError, EOFError, OSError) as e:
-        scan.problems.append(
-            Problem(
-                url,
-                "",
-                "truncated_shard" if order else "unreadable_shard",
-                f"{type(e).__name__}: {e}",
-            )
-        )
+        for name, data in iter_tar_members(url):
+            key, ext = split_member_name(name)
+            scan.bytes += len(data)
+            if key != last_key and key in samples:
+                scan.problems.append(
+                    Problem(url, name, "key_collision", f"key {key!r} appears twice in the shard")
+                )
+                continue
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            if ext in samples[key]:
+                scan.problems.append(
+                    Problem(url, name, "key_collision", f"member {name!r} appears twice")
+                )
+            samples[key][ext.lower()] = data
+            last_key = key
+    except ShardReadError as e:
+        scan.problems.append(Problem(url, "", e.kind, e.detail))
     for key in order:
         _check_sample(scan, key, samples[key], full_decode)
     return scan

@@ -22,8 +22,8 @@ import glob
 import hashlib
 import json
 import math
+import os
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +36,9 @@ from clipforge.data_tools.images import ImageDecodeError, decode_image, to_rgb
 from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
     ManifestError,
+    ShardReadError,
+    is_remote,
+    iter_tar_members,
     read_manifest,
     split_member_name,
 )
@@ -50,6 +53,10 @@ SKIP_REASONS = (
     "truncated_shard",
     "unreadable_shard",
 )
+
+
+ShardSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+"""A SHARDS specification: see :func:`parse_shard_spec`."""
 
 
 class ShardSpecError(ValueError):
@@ -82,14 +89,16 @@ class ShardSource:
         return sum(c for c in self.sample_counts if c is not None)
 
 
-def parse_shard_spec(spec: str | Sequence[str]) -> list[ShardSource]:
+def parse_shard_spec(spec: ShardSpec) -> list[ShardSource]:
     """Turn a SHARDS specification into sources.
 
     ``spec`` is one or more items (a list, or one string joined with ``::``); an item is a folder
     (every ``*.tar`` in it), a brace pattern (``data/train-{000000..000099}.tar``), a glob, a file
     or a URL, optionally followed by ``@WEIGHT`` for mixing (``a/{0..9}.tar@1::b/{0..9}.tar@3``).
     """
-    items = spec.split("::") if isinstance(spec, str) else list(spec)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    items = spec.split("::") if isinstance(spec, str) else [os.fspath(i) for i in spec]
     items = [item.strip() for item in items if item.strip()]
     if not items:
         raise ShardSpecError("no shards given (empty SHARDS specification)")
@@ -112,7 +121,7 @@ def _parse_source(item: str) -> ShardSource:
 
 
 def _expand(item: str) -> list[str]:
-    if "://" in item or item.startswith("pipe:"):
+    if is_remote(item):
         return list(braceexpand.braceexpand(item))
     path = Path(item)
     if path.is_dir():
@@ -136,7 +145,7 @@ def _manifest_counts(urls: list[str]) -> list[int | None]:
     by_folder: dict[Path, dict[str, int]] = {}
     counts: list[int | None] = []
     for url in urls:
-        if "://" in url or url.startswith("pipe:"):
+        if is_remote(url):
             counts.append(None)
             continue
         folder = Path(url).parent
@@ -190,35 +199,22 @@ class _Skips:
         return out
 
 
-def _open_url(url: str) -> Any:
-    if "://" in url or url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    return open(url, "rb", buffering=1 << 20)
-
-
 def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
     """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal."""
     current: _RawSample | None = None
     try:
-        with _open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
-                    continue  # e.g. webdataset's __index__ members
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                if current is None or key != current.key:
-                    if current is not None:
-                        yield current
-                    current = _RawSample(key, url)
-                current.members[ext.lower()] = data
-    except (tarfile.ReadError, EOFError, OSError) as e:
+        for name, data in iter_tar_members(url):
+            key, ext = split_member_name(name)
+            if not ext or key.rsplit("/", 1)[-1].startswith("__"):
+                continue  # e.g. webdataset's __index__ members
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current
+                current = _RawSample(key, url)
+            current.members[ext.lower()] = data
+    except ShardReadError as e:
         # The last, possibly incomplete sample of a damaged shard is dropped: it is not trusted.
-        reason = "unreadable_shard" if current is None else "truncated_shard"
-        skips.add(reason, url, f"{type(e).__name__}: {e}")
+        skips.add(e.kind, url, e.detail)
         return
     if current is not None:
         yield current
@@ -527,7 +523,7 @@ class ShardLoader:
 
 
 def make_loader(
-    shards: str | Sequence[str],
+    shards: ShardSpec,
     image_transform: Callable[[Image.Image], torch.Tensor],
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
@@ -552,7 +548,7 @@ def make_loader(
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
-def count_samples(shards: str | Sequence[str]) -> int | None:
+def count_samples(shards: ShardSpec) -> int | None:
     """Total samples per the manifests, or None when some shard is not in a manifest."""
     totals = [s.samples for s in parse_shard_spec(shards)]
     return None if any(t is None for t in totals) else sum(t for t in totals if t is not None)

@@ -12,9 +12,10 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MANIFEST_NAME = "manifest.json"
 STATS_NAME = "stats.json"
@@ -22,6 +23,17 @@ MANIFEST_FORMAT = "clipforge.shards/v1"
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Fixed member metadata so the same input always gives byte-identical shards.
 _MEMBER_MTIME = 1_700_000_000
+
+
+class ShardReadError(OSError):
+    """A shard cannot be read to its end. ``kind`` is ``unreadable_shard`` (nothing could be
+    read) or ``truncated_shard`` (members were read, then the data ended or broke off)."""
+
+    def __init__(self, kind: str, url: str, detail: str) -> None:
+        super().__init__(f"{url}: {kind}: {detail}")
+        self.kind = kind
+        self.url = url
+        self.detail = detail
 
 
 class ManifestError(ValueError):
@@ -119,3 +131,59 @@ def read_manifest(folder: str | os.PathLike[str], name: str = MANIFEST_NAME) -> 
     except (OSError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: unreadable ({e})") from None
     return Manifest.from_json(obj, str(path))
+
+
+def is_remote(url: str) -> bool:
+    """URLs opened through webdataset's ``gopen`` (``pipe:``, ``http://``, ``s3://``, ...)."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """Open a local shard file or a remote URL for streaming."""
+    if is_remote(url):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb", buffering=1 << 20)
+
+
+def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of every regular-file member of a shard, streaming.
+
+    Raises :class:`ShardReadError` for a file that is not a tar, a member cut short, and -- for
+    local uncompressed tars -- a file that ends without the end-of-archive blocks, so a shard
+    truncated exactly at a member boundary is caught too (stream-mode ``tarfile`` would silently
+    stop there). gzip/bz2/xz-compressed tars are read transparently.
+    """
+    count = 0
+    try:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if len(data) != info.size:
+                    raise EOFError(f"member {info.name} cut short at {len(data)} of {info.size} B")
+                count += 1
+                yield info.name, data
+            end_offset = tar.offset  # where the end-of-archive blocks should start
+            if (
+                not is_remote(url)
+                and _is_plain_tar(url)
+                and os.path.getsize(url) < end_offset + 512
+            ):
+                raise EOFError(f"data ends at byte {end_offset} without the end-of-archive blocks")
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        if isinstance(e, ShardReadError):
+            raise
+        kind = "truncated_shard" if count else "unreadable_shard"
+        raise ShardReadError(kind, url, f"{type(e).__name__}: {e}") from None
+
+
+def _is_plain_tar(path: str) -> bool:
+    """True unless the file starts with a gzip, bzip2 or xz signature."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return not (
+        head.startswith(b"\x1f\x8b") or head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00")
+    )

@@ -1,0 +1,232 @@
+"""The streaming reader on real shards: splitting, mixing, error counting, exact resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.data_tools.demo import write_demo_shards
+from clipforge.data_tools.reader import (
+    DataError,
+    ReaderConfig,
+    ShardSpecError,
+    StreamPosition,
+    count_samples,
+    make_loader,
+    parse_shard_spec,
+)
+from clipforge.data_tools.transforms import clip_image_transforms
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_shards(out)
+    return out
+
+
+def _png(color: tuple[int, int, int], size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_exact_pass_over_2_ranks_x_2_workers_reads_every_sample_once(demo_dir: Path) -> None:
+    transform, _ = clip_image_transforms(32)
+    seen: list[str] = []
+    for rank in range(2):
+        loader = make_loader(demo_dir, transform, config=ReaderConfig(batch_size=50),
+                             num_workers=2, rank=rank, world_size=2)
+        seen += _keys(loader)
+    assert count_samples(str(demo_dir)) == 1911
+    assert len(seen) == 1911
+    assert len(set(seen)) == 1911
+
+
+def test_exact_pass_with_shuffle_still_reads_every_sample_once(demo_dir: Path) -> None:
+    transform, _ = clip_image_transforms(16)
+    config = ReaderConfig(batch_size=64, shuffle_buffer=100, seed=3)
+    keys = _keys(make_loader(str(demo_dir), transform, config=config, num_workers=2))
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 1911
+    in_order = _keys(make_loader(str(demo_dir), transform, config=ReaderConfig(batch_size=64),
+                                 num_workers=0))
+    assert keys != in_order  # shuffled
+
+
+def test_too_few_shards_for_readers_is_refused_clearly(demo_dir: Path) -> None:
+    transform, _ = clip_image_transforms(16)
+    with pytest.raises(ShardSpecError, match=r"8 shard\(s\) for 4 rank\(s\) x 3 worker"):
+        make_loader(demo_dir, transform, num_workers=3, rank=0, world_size=4)
+
+
+def test_resampled_mixing_follows_weights(tmp_path: Path) -> None:
+    # Small shards: many shard draws per sample read, so the observed ratio is tight around 1:3.
+    for source in ("a", "b"):
+        (tmp_path / source).mkdir()
+        for s in range(3):
+            members = []
+            for i in range(4):
+                members += [(f"{source}{s}_{i}.png", _png((i, 0, 0), size=4)),
+                            (f"{source}{s}_{i}.txt", f"{source} {i}".encode())]
+            _write_tar(tmp_path / source / f"{s}.tar", members)
+    transform, _ = clip_image_transforms(8)
+    spec = f"{tmp_path / 'a'}@1::{tmp_path / 'b'}@3"
+    loader = make_loader(spec, transform,
+                         config=ReaderConfig(batch_size=100, resampled=True, seed=1),
+                         num_workers=0)
+    counts: Counter[str] = Counter()
+    for n, batch in enumerate(loader):
+        counts.update(c[0] for c in batch["caption"])
+        if n == 39:
+            break
+    # 4,000 samples = 1,000 shard draws; source a expects 250 +- 14 of them.
+    ratio = counts["b"] / counts["a"]
+    assert 2.5 < ratio < 3.6, counts
+
+
+def test_corrupt_samples_are_counted_not_fatal(tmp_path: Path) -> None:
+    members = []
+    for i in range(10):
+        members.append((f"s{i:02d}.png", b"not a png" if i == 3 else _png((i, i, i))))
+        if i != 5:
+            members.append((f"s{i:02d}.txt", f"caption {i}".encode()))
+    members.append(("s10.txt", b"caption without image"))
+    members += [("s11.png", _png((1, 2, 3))), ("s11.txt", b"\xff\xfe bad utf8")]
+    _write_tar(tmp_path / "0.tar", members)
+    # a truncated second shard: cut inside the data of its third member
+    good = [(f"t{i}.png", _png((9, 9, 9))) for i in range(4)]
+    good = [m for i, g in enumerate(good) for m in (g, (f"t{i}.txt", b"t"))]
+    _write_tar(tmp_path / "1.tar", good)
+    data = (tmp_path / "1.tar").read_bytes()
+    (tmp_path / "1.tar").write_bytes(data[: len(data) // 2])
+
+    transform, _ = clip_image_transforms(8)
+    loader = make_loader(tmp_path, transform, config=ReaderConfig(batch_size=4), num_workers=2)
+    keys = _keys(loader)
+    assert dict(loader.skipped) == {"corrupt_image": 1, "missing_caption": 1, "missing_image": 1,
+                                    "bad_caption": 1, "truncated_shard": 1}
+    assert "s03" not in keys and "s05" not in keys
+    assert sum(k.startswith("s") for k in keys) == 8  # s00..s09 less s03 and s05
+    assert 0 < sum(k.startswith("t") for k in keys) < 4  # the samples before the cut
+
+    strict = make_loader(tmp_path, transform, num_workers=0,
+                         config=ReaderConfig(batch_size=4, on_error="raise"))
+    with pytest.raises(DataError, match=r"0\.tar:s03: corrupt_image"):
+        _keys(strict)
+
+
+def test_reads_img2dataset_layout(tmp_path: Path) -> None:
+    members = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, i * 10, 0)).save(buf, "JPEG")
+        key = f"00000{i:04d}"
+        meta = {"url": f"http://x/{i}.jpg", "key": key, "status": "success",
+                "width": 40, "height": 30, "original_width": 400, "original_height": 300}
+        members += [(f"{key}.jpg", buf.getvalue()), (f"{key}.txt", f"photo {i}".encode()),
+                    (f"{key}.json", json.dumps(meta).encode())]
+    _write_tar(tmp_path / "00000.tar", members)
+    transform, normalize = clip_image_transforms(24)
+    (batch,) = list(make_loader(str(tmp_path / "00000.tar"), transform, normalize,
+                                config=ReaderConfig(batch_size=8), num_workers=0))
+    assert batch["image"].shape == (6, 3, 24, 24) and batch["image"].dtype == torch.float32
+    assert batch["caption"] == [f"photo {i}" for i in range(6)]
+    assert batch["meta"][2]["url"] == "http://x/2.jpg"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_split_transform_equals_open_clip_image_transform(train: bool) -> None:
+    import open_clip
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    per_sample, per_batch = clip_image_transforms(32, train=train)
+    reference = open_clip.image_transform(32, is_train=train)
+    torch.manual_seed(7)
+    ours = per_batch(per_sample(img)[None])[0]
+    torch.manual_seed(7)
+    theirs = reference(img)
+    assert torch.equal(ours, theirs)
+
+
+def test_resume_from_position_continues_exactly(demo_dir: Path) -> None:
+    transform, normalize = clip_image_transforms(16, train=True)
+    config = ReaderConfig(batch_size=32, resampled=True, shuffle_buffer=64, seed=5)
+
+    def run(position: StreamPosition, n: int) -> tuple[list[tuple], StreamPosition]:
+        loader = make_loader(demo_dir, transform, normalize, config=config, num_workers=2,
+                             position=position)
+        out = []
+        for batch in loader:
+            out.append((batch["key"], batch["image"]))
+            if len(out) == n:
+                break
+        return out, loader.position
+
+    full, _ = run(StreamPosition(), 7)
+    first, position = run(StreamPosition(), 3)
+    rest, _ = run(position, 4)
+    assert [k for k, _ in first + rest] == [k for k, _ in full]
+    for (_, a), (_, b) in zip(first + rest, full, strict=True):
+        assert torch.equal(a, b)  # same augmentation too
+
+
+def test_exact_pass_epochs_and_resume(demo_dir: Path) -> None:
+    transform, _ = clip_image_transforms(8)
+    config = ReaderConfig(batch_size=100, shuffle_buffer=50, seed=2)
+    loader = make_loader(demo_dir, transform, config=config, num_workers=2)
+    epoch0 = _keys(loader)
+    assert loader.position == StreamPosition(epoch=1, consumed=(0, 0), next_worker=0)
+    epoch1 = _keys(loader)
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # reshuffled per epoch
+
+    partial = make_loader(demo_dir, transform, config=config, num_workers=2,
+                          position=StreamPosition(epoch=1))
+    head = []
+    for batch in partial:
+        head += batch["key"]
+        if len(head) >= 500:
+            break
+    tail = _keys(make_loader(demo_dir, transform, config=config, num_workers=2,
+                             position=partial.position))
+    assert head + tail == epoch1
+
+
+def test_shard_spec_forms(demo_dir: Path, tmp_path: Path) -> None:
+    names = sorted(p.name for p in demo_dir.glob("*.tar"))
+    (source,) = parse_shard_spec(str(demo_dir / "emoji-{000000..000003}.tar"))
+    assert [Path(u).name for u in source.urls] == names[:4]
+    assert source.samples == sum(json.loads((demo_dir / "manifest.json").read_text())["shards"][i]
+                                 ["samples"] for i in range(4))
+    (globbed,) = parse_shard_spec(str(demo_dir / "emoji-00000[67].tar"))
+    assert len(globbed.urls) == 2
+    a, b = parse_shard_spec(f"{demo_dir}@0.5::{demo_dir / 'emoji-000000.tar'}")
+    assert (a.weight, b.weight, len(a.urls), len(b.urls)) == (0.5, 1.0, 8, 1)
+    with pytest.raises(ShardSpecError, match="no such shard"):
+        parse_shard_spec(str(demo_dir / "emoji-{000000..000009}.tar"))
+    with pytest.raises(ShardSpecError, match="weight"):
+        parse_shard_spec(f"{demo_dir}@-1")
+    with pytest.raises(ShardSpecError, match="no .tar shards"):
+        parse_shard_spec(str(tmp_path))
+    with pytest.raises(ShardSpecError, match="empty"):
+        parse_shard_spec("")
