@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from clipforge.data_tools.demo import write_demo_shards
 from clipforge.data_tools.images import decode_image, to_rgb
 from clipforge.data_tools.reader import ReaderConfig, make_loader
 from clipforge.data_tools.shardformat import iter_tar_members, read_manifest, split_member_name
 from clipforge.data_tools.transforms import clip_image_transforms
 from clipforge.data_tools.writer import WriteConfig, write_shards
-from PIL import Image
 
 PEER_SCRIPT = Path(__file__).with_name("peer_open_clip_reader.py")
 DEFAULT_PEER_PYTHON = "/work/peers/openclip/bin/python"

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from clipforge.data_tools.images import ImageDecodeError, decode_image
 from clipforge.data_tools.reader import parse_shard_spec
 from clipforge.data_tools.shardformat import (
@@ -26,7 +28,6 @@ from clipforge.data_tools.shardformat import (
     split_member_name,
 )
 from clipforge.data_tools.stats import StatsAccumulator
-from PIL import Image
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ from typing import Any
 
 import braceexpand
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from clipforge.data_tools.images import ImageDecodeError, decode_image, to_rgb
 from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
@@ -42,8 +45,6 @@ from clipforge.data_tools.shardformat import (
     read_manifest,
     split_member_name,
 )
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 SKIP_REASONS = (
     "corrupt_image",

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from clipforge.data_tools.atomic import atomic_output, write_json_atomic
 from clipforge.data_tools.images import (
     IMAGE_FORMATS,
@@ -45,7 +47,6 @@ from clipforge.data_tools.shardformat import (
 )
 from clipforge.data_tools.sources import SourceRow, iter_source
 from clipforge.data_tools.stats import StatsAccumulator
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from clipforge.data_tools.demo import write_demo_shards
 from clipforge.data_tools.reader import (
     DataError,
@@ -27,7 +29,6 @@ from clipforge.data_tools.transforms import (
     pil_to_uint8_tensor,
     random_resized_crop_params,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""clipforge.pretrain: dual-encoder contrastive pretraining, checkpoints, and model loading."""

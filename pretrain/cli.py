@@ -1,0 +1,97 @@
+"""``clipforge-pretrain``: train a dual encoder from a preset or YAML config.
+
+clipforge-pretrain --config tiny --set data.train=demo-data --set train.steps=200
+torchrun --nproc-per-node 8 -m clipforge.pretrain --config vit-b-32 --set data.train=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from clipforge.data_tools.reader import ShardSpecError
+from clipforge.pretrain.config import PRESETS, ConfigError, describe_fields, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipforge-pretrain",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets: {', '.join(PRESETS)}; every key: --help-config",
+    )
+    parser.add_argument("--config", default="tiny", help="preset name or YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its default and meaning",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="measure samples/s, data wait and peak memory for this config, "
+        "side by side with open_clip_train (see --peer-python)",
+    )
+    parser.add_argument(
+        "--benchmark-warmup", type=int, default=5, help="steps excluded from the median"
+    )
+    parser.add_argument(
+        "--peer-python",
+        help="python of the open_clip_train venv "
+        "(default $CLIPFORGE_PEER_OPENCLIP or /work/peers/openclip/bin/python)",
+    )
+    parser.add_argument("--json", help="with --benchmark: also write the figures here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipforge").setLevel(logging.INFO)
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            return 0
+        if args.benchmark:
+            from clipforge.pretrain.benchmark import run_benchmark
+
+            figures = run_benchmark(config, args.benchmark_warmup, args.peer_python)
+            if args.json:
+                from clipforge.data_tools.atomic import write_json_atomic
+
+                write_json_atomic(args.json, figures)
+            return 0
+        from clipforge.pretrain.train import TrainingAborted, train
+
+        try:
+            result = train(config)
+        except TrainingAborted as e:
+            print(f"clipforge-pretrain: training aborted: {e}", file=sys.stderr)
+            return 3
+    except (ConfigError, ShardSpecError, FileNotFoundError) as e:
+        print(f"clipforge-pretrain: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"done: {result.steps} steps, {result.samples_seen} samples seen, last loss "
+        f"{result.last_loss:.4f}; model -> {result.model_dir}"
+    )
+    return 0

@@ -1,0 +1,421 @@
+"""Typed, frozen, validated training configuration with named presets.
+
+A run is configured by a preset name or a YAML file (``--config``) plus ``--set section.key=value``
+overrides. Unknown sections/keys and values of the wrong type or out of range fail with an error
+that names them. The resolved config is saved as ``config.yaml`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong (the message names it)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which dual encoder to train and how."""
+
+    name: str = "clipforge-tiny"
+    """open_clip model name (ViT-B-32, ViT-B-16, ViT-B-16-SigLIP, ...) or a model-config JSON."""
+    init_checkpoint: str | None = None
+    """Local weights for the whole model: an open_clip state dict, a clipforge step checkpoint or
+    a clipforge run's ``model/`` folder. Nothing is ever downloaded."""
+    init_image_checkpoint: str | None = None
+    """Local weights for the image tower only (keys under ``visual.``)."""
+    init_text_checkpoint: str | None = None
+    """Local weights for the text tower only (every key not under ``visual.``)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT)."""
+    lock_image_unlocked_groups: int = 0
+    """With ``lock_image``: leave the last N layer groups of the image tower trainable."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    lock_text_unlocked_layers: int = 0
+    """With ``lock_text``: leave the last N layers of the text tower trainable."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """Wrap the model with ``torch.compile``."""
+    fsdp: bool = False
+    """Shard parameters across ranks (FSDP2 ``fully_shard``) for towers that do not fit one GPU."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.lock_image_unlocked_groups >= 0,
+            "model.lock_image_unlocked_groups",
+            ">= 0",
+            self.lock_image_unlocked_groups,
+        )
+        _check(
+            self.lock_text_unlocked_layers >= 0,
+            "model.lock_text_unlocked_layers",
+            ">= 0",
+            self.lock_text_unlocked_layers,
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to read and how."""
+
+    train: str = ""
+    """SHARDS: folder, brace pattern, glob; several joined with ``::`` and weighted with ``@W``."""
+    batch_size: int = 32
+    """Samples per rank per optimizer step (global batch = batch_size x world size)."""
+    workers: int = 1
+    """Data-loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Shuffle buffer in samples (0: shard order)."""
+    resampled: bool = True
+    """Draw shards with replacement (endless; epochs independent of shard count) instead of
+    exact passes over the shards."""
+    augment: bool = True
+    """Random-resized-crop as open_clip's training transform (False: resize + centre crop)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "data.batch_size", "> 0", self.batch_size)
+        _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, cosine schedule with linear warmup, gradient clipping."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.2
+    """Decoupled weight decay (not on biases, norms, gains, logit scale/bias)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to ``lr`` over this many steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "> 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _check(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+            "optim.beta1/beta2",
+            "in [0, 1)",
+            (self.beta1, self.beta2),
+        )
+        _check(self.eps > 0, "optim.eps", "> 0", self.eps)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The contrastive objective. Features are always gathered across ranks with gradients."""
+
+    kind: Literal["infonce", "siglip"] = "infonce"
+    """``infonce``: symmetric InfoNCE / NT-Xent with learnable temperature (CLIP);
+    ``siglip``: pairwise sigmoid loss with learnable temperature and bias."""
+    init_logit_scale: float = 2.6592
+    """Initial log of the inverse temperature (ln(1/0.07), as CLIP; SigLIP uses ln(10))."""
+    init_logit_bias: float = -10.0
+    """Initial SigLIP bias."""
+    max_logit_scale: float = 4.6052
+    """Clamp of the log inverse temperature after each step (ln(100), as CLIP)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, precision, logging, checkpoints."""
+
+    run_dir: str = "runs/clipforge"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, model/."""
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    accum_steps: int = 1
+    """Split each step's batch into this many micro-batches (full batch kept as negatives)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision (fp16 uses a GradScaler)."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when available (one GPU per rank), else CPU."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every N steps."""
+    checkpoint_every: int = 500
+    """Save a step checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest K step checkpoints."""
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir when there is one."""
+    eval_every: int = 0
+    """Call the evaluation callback every N steps (0: never)."""
+    eval_callback: str = ""
+    """Name of an evaluation callback registered under the ``clipforge.eval_callbacks`` entry
+    point group (eval registers itself; pretrain never imports eval)."""
+    max_nonfinite: int = 5
+    """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the ``tensorboard`` package)."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Progress display: a bar on interactive terminals, plain lines otherwise."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "train.steps", "> 0", self.steps)
+        _check(self.accum_steps > 0, "train.accum_steps", "> 0", self.accum_steps)
+        _check(self.log_every > 0, "train.log_every", "> 0", self.log_every)
+        _check(self.checkpoint_every > 0, "train.checkpoint_every", "> 0", self.checkpoint_every)
+        _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "> 0", self.keep_checkpoints)
+        _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        _check(self.max_nonfinite > 0, "train.max_nonfinite", "> 0", self.max_nonfinite)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.batch_size % self.train.accum_steps:
+            raise ConfigError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"train.accum_steps ({self.train.accum_steps})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: the tests and smoke runs.
+    "tiny": {
+        "model": {"name": "clipforge-tiny"},
+        "data": {"batch_size": 32, "workers": 1, "shuffle_buffer": 256},
+        "optim": {"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.1},
+        "train": {"steps": 50, "log_every": 5, "checkpoint_every": 25},
+    },
+    # The demo: learns the emoji captions in a few minutes on 2 CPU cores.
+    "demo": {
+        "model": {"name": "clipforge-demo"},
+        "data": {"batch_size": 128, "workers": 1, "shuffle_buffer": 1000},
+        "optim": {"lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.1},
+        "train": {"steps": 300, "log_every": 10, "checkpoint_every": 100},
+    },
+    # The PEERS.md reference comparison with open_clip_train (20.8 M parameters, 64 px).
+    "bench-tiny": {
+        "model": {"name": "bench-tiny"},
+        "data": {"batch_size": 128, "workers": 1, "shuffle_buffer": 1000},
+        "train": {"steps": 30, "log_every": 1},
+    },
+    "vit-b-32": {
+        "model": {"name": "ViT-B-32"},
+        "data": {"batch_size": 256, "workers": 8, "shuffle_buffer": 5000},
+        "optim": {"lr": 5e-4, "warmup_steps": 2000},
+        "train": {"steps": 100000, "precision": "bf16", "log_every": 50, "checkpoint_every": 2000},
+    },
+    "vit-b-16": {
+        "model": {"name": "ViT-B-16"},
+        "data": {"batch_size": 256, "workers": 8, "shuffle_buffer": 5000},
+        "optim": {"lr": 5e-4, "warmup_steps": 2000},
+        "train": {"steps": 100000, "precision": "bf16", "log_every": 50, "checkpoint_every": 2000},
+    },
+    "siglip-b-16": {
+        "model": {"name": "ViT-B-16-SigLIP"},
+        "data": {"batch_size": 256, "workers": 8, "shuffle_buffer": 5000},
+        "loss": {"kind": "siglip", "init_logit_scale": 2.3026, "init_logit_bias": -10.0},
+        "train": {"steps": 100000, "precision": "bf16", "log_every": 50, "checkpoint_every": 2000},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(name_or_file: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name or YAML file, then ``section.key=value`` overrides, validated."""
+    if name_or_file in PRESETS:
+        tree = _deep_copy(PRESETS[name_or_file])
+    else:
+        path = Path(name_or_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"--config {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
+        base = loaded.pop("base", None)
+        if base is not None and base not in PRESETS:
+            raise ConfigError(f"{path}: base preset {base!r} is not one of {', '.join(PRESETS)}")
+        tree = _merge(_deep_copy(PRESETS[base]) if base else {}, loaded)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section, _, name = key.strip().partition(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        tree.setdefault(section, {})[name] = value
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (unknown keys are errors)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(tree) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name, value in tree.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
+        built[name] = _build_section(hints[name], value, name)
+    try:
+        return Config(**built)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(str(e)) from None
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; {section} has {sorted(hints)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported config type {tp}")  # pragma: no cover
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from clipforge.data_tools.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+
+
+def describe_fields() -> str:
+    """Every config key with its default and docstring (``clipforge-pretrain --help-config``)."""
+    import ast
+    import inspect
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        docs = _field_docs(cls, ast, inspect)
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {section.name}.{f.name} = {default!r}")
+            if f.name in docs:
+                lines.append("      " + " ".join(docs[f.name].split()))
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type, ast: Any, inspect: Any) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
