@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from clipforge.pretrain.losses import LossFn
 
 _FEATURE_KEYS = ("image_features", "text_features")
+_SCALAR_KEYS = ("logit_scale", "logit_bias")
 
 
 def forward_backward(
@@ -31,8 +32,8 @@ def forward_backward(
     With ``accum_steps = k > 1`` the batch is split into k micro-batches: (1) all k are
     forwarded without gradients and their features cached; (2) each micro-batch j is forwarded
     again with gradients, its rows replace the cached ones, and the loss over the FULL batch is
-    backpropagated. Only micro-batch j's rows carry gradient in pass j, so the k backward passes
-    sum to exactly the gradient of the one-batch loss, while activation memory is that of one
+    backpropagated. Only micro-batch j's rows carry gradient in pass j (and 1/k of the logit
+    scale/bias gradient), so the k backward passes sum to the gradient of the one-batch loss, while activation memory is that of one
     micro-batch. ``no_sync`` (DDP's ``model.no_sync``) wraps all but the last backward so that
     gradients are all-reduced once. Returns the (detached) full-batch loss and logit scale; a
     non-finite loss is returned as is, for the caller to handle.
@@ -69,6 +70,12 @@ def forward_backward(
             with autocast():
                 out = model(image=img, text=txt)
                 full = dict(out)
+                # The scalars appear in all k full-batch losses: give each pass 1/k of their
+                # gradient (same value, exactly) so the sum matches the one-batch gradient.
+                for key in _SCALAR_KEYS:
+                    if out.get(key) is not None:
+                        value = out[key]
+                        full[key] = value.detach() + (value - value.detach()) / accum_steps
                 for key in _FEATURE_KEYS:
                     parts = [*cached[key][:j], out[key], *cached[key][j + 1 :]]
                     full[key] = torch.cat(parts)  # (B, D): only rows of micro-batch j need grad

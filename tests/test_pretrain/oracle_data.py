@@ -1,0 +1,26 @@
+"""A fixed tiny model and batch shared by the single-process and the distributed oracle runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipforge.pretrain.config import ModelConfig
+from clipforge.pretrain.models import build_model
+
+GLOBAL_BATCH = 8
+
+
+def tiny_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model, _ = build_model(
+        ModelConfig(name="clipforge-tiny"), siglip=kind == "siglip", init_logit_bias=-10.0
+    )
+    return model.double()  # float64: compare gradients tightly, not float32 round-off
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g, dtype=torch.float64)
+    texts = torch.randint(1, 49000, (GLOBAL_BATCH, 32), generator=g)
+    return images, texts
