@@ -33,10 +33,11 @@ def forward_backward(
     forwarded without gradients and their features cached; (2) each micro-batch j is forwarded
     again with gradients, its rows replace the cached ones, and the loss over the FULL batch is
     backpropagated. Only micro-batch j's rows carry gradient in pass j (and 1/k of the logit
-    scale/bias gradient), so the k backward passes sum to the gradient of the one-batch loss, while activation memory is that of one
-    micro-batch. ``no_sync`` (DDP's ``model.no_sync``) wraps all but the last backward so that
-    gradients are all-reduced once. Returns the (detached) full-batch loss and logit scale; a
-    non-finite loss is returned as is, for the caller to handle.
+    scale/bias gradient), so the k backward passes sum to the gradient of the one-batch loss,
+    while activation memory is that of one micro-batch. ``no_sync`` (DDP's ``model.no_sync``)
+    wraps all but the last backward so that gradients are all-reduced once. Returns the
+    (detached) full-batch loss and logit scale; a non-finite loss is returned as is, for the
+    caller to handle.
     """
     batch = images.shape[0]
     if texts.shape[0] != batch:
