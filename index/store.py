@@ -1,0 +1,239 @@
+"""The index directory: writing FAISS index files with checksums, and loading them back verified.
+
+Layout of ``INDEX_DIR`` (the contract shared with embed/searcher/cli)::
+
+    index.json         manifest: model, dim, metric, count, per-modality index description
+    metadata.parquet   all parts' metadata concatenated in id order (id = global row number)
+    image.index        FAISS index built from the image embeddings (text -> image search)
+    text.index         FAISS index built from the text embeddings (image -> text search)
+    *.ivfdata          on-disk inverted lists of a merged (sharded) index, if any
+
+Every file that :func:`open_index` loads is checked against the size and sha256 recorded in
+``index.json`` first, so a truncated, altered or missing file fails with
+:class:`IndexIntegrityError` naming the file instead of a crash (or silently wrong results) inside
+FAISS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+
+INDEX_FORMAT = "clipforge-index/1"
+MANIFEST_NAME = "index.json"
+METADATA_NAME = "metadata.parquet"
+MODALITIES = ("image", "text")
+
+_HASH_CHUNK = 1 << 22  # 4 MiB reads: hashing a multi-GB index stays bounded in memory
+
+
+class IndexIntegrityError(ValueError):
+    """An index directory file is missing, truncated, altered, or the manifest is malformed."""
+
+
+@dataclass
+class OpenIndex:
+    """One modality's index loaded from an index directory, ready to search."""
+
+    index: faiss.Index
+    """The FAISS index with the tuned search parameters (nprobe/efSearch/...) already applied."""
+    info: dict[str, Any]
+    """The modality's entry of ``index.json["modalities"]`` (kind, factory, recall, ...)."""
+    manifest: dict[str, Any]
+    """The whole ``index.json``."""
+    metadata: pa.Table
+    """``metadata.parquet``: row ``i`` describes index id ``i``."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in bounded chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """``(size_bytes, sha256)`` of a file, as stored in ``index.json``."""
+    return os.path.getsize(path), sha256_file(path)
+
+
+def verify_file(
+    path: str | os.PathLike[str], expected_sha256: str, expected_size: int | None = None
+) -> None:
+    """Raise :class:`IndexIntegrityError` naming ``path`` unless it exists with this size/sha256.
+
+    The size is compared first: a truncated file is then reported as such (cheaply) rather than as
+    a generic checksum mismatch.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise IndexIntegrityError(f"index file missing: {p}")
+    size = p.stat().st_size
+    if expected_size is not None and size != expected_size:
+        raise IndexIntegrityError(
+            f"index file {p} is {size} bytes, index.json records {expected_size}: "
+            f"{'truncated' if size < expected_size else 'altered'} file"
+        )
+    actual = sha256_file(p)
+    if actual != expected_sha256:
+        raise IndexIntegrityError(
+            f"index file {p} is altered: sha256 {actual} != {expected_sha256} recorded in "
+            f"{MANIFEST_NAME}"
+        )
+
+
+def read_index_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and sanity-check ``INDEX_DIR/index.json`` (format, required fields)."""
+    path = Path(index_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise IndexIntegrityError(f"not a clipforge index directory: {path} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexIntegrityError(f"{path} is not valid JSON (truncated or altered?): {e}") from e
+    if not isinstance(manifest, dict):
+        raise IndexIntegrityError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    fmt = manifest.get("format")
+    if fmt != INDEX_FORMAT:
+        raise IndexIntegrityError(f"{path}: format {fmt!r} is not {INDEX_FORMAT!r}")
+    for field in ("dim", "count", "metric", "metadata", "modalities"):
+        if field not in manifest:
+            raise IndexIntegrityError(f"{path}: required field {field!r} is missing")
+    if not isinstance(manifest["modalities"], dict) or not manifest["modalities"]:
+        raise IndexIntegrityError(f"{path}: 'modalities' must be a non-empty object")
+    return manifest
+
+
+def write_index_manifest(index_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
+    """Write ``index.json`` atomically (written last, so its presence marks a complete index)."""
+    path = Path(index_dir) / MANIFEST_NAME
+    write_json_atomic(path, manifest)
+    return path
+
+
+def write_faiss_index(index: faiss.Index, path: str | os.PathLike[str]) -> tuple[int, str]:
+    """Write ``index`` to ``path`` via a temp name + rename; return ``(size_bytes, sha256)``."""
+    with atomic_output(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return file_record(path)
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Set search-time parameters (``nprobe``, ``efSearch``, ``k_factor_rf``, ...) on ``index``.
+
+    Uses FAISS's ``ParameterSpace`` names, which reach through wrappers such as
+    ``IndexPreTransform`` (OPQ) and ``IndexRefine`` to the index that owns the parameter.
+    """
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            ps.set_index_parameter(index, name, float(value))
+        except RuntimeError as e:
+            raise ValueError(
+                f"search parameter {name}={value!r} does not apply to {type(index).__name__}: {e}"
+            ) from e
+
+
+def modality_info(manifest: dict[str, Any], modality: str) -> dict[str, Any]:
+    """The manifest entry for ``modality``, with an error listing the indexed ones otherwise."""
+    mods = manifest["modalities"]
+    if modality not in mods:
+        raise ValueError(
+            f"index has no {modality!r} modality; it indexes {sorted(mods)} "
+            f"({'image.index' if modality == 'image' else 'text.index'} was not built)"
+        )
+    return mods[modality]
+
+
+def verify_index_dir(
+    index_dir: str | os.PathLike[str], modalities: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Verify metadata and the index files of ``modalities`` (all if None); return the manifest."""
+    d = Path(index_dir)
+    manifest = read_index_manifest(d)
+    meta = manifest["metadata"]
+    verify_file(d / meta["file"], meta["sha256"], meta.get("size_bytes"))
+    for name in modalities if modalities is not None else tuple(manifest["modalities"]):
+        info = modality_info(manifest, name)
+        sizes = info.get("file_sizes", {})
+        for fname, digest in info["sha256"].items():
+            verify_file(d / fname, digest, sizes.get(fname))
+    return manifest
+
+
+def _read_faiss(path: Path, mmap: bool, on_disk: bool) -> faiss.Index:
+    flags = 0
+    if mmap:
+        # IO_FLAG_MMAP maps inverted lists / flat codes instead of copying them into RAM.
+        flags |= faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    if on_disk:
+        # The merged index records its .ivfdata path as written; SAME_DIR resolves it next to the
+        # .index file so the index directory can be moved or copied.
+        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as e:  # checksums passed, so this is a FAISS version/format problem
+        raise IndexIntegrityError(f"FAISS cannot read {path}: {e}") from e
+
+
+def open_index(
+    index_dir: str | os.PathLike[str],
+    modality: str = "image",
+    mmap: bool = False,
+    verify: bool = True,
+) -> OpenIndex:
+    """Load ``modality``'s index and the metadata from ``index_dir``, verifying checksums.
+
+    ``mmap=True`` memory-maps the index data instead of reading it into RAM (an index with on-disk
+    inverted lists, ``extra_files`` non-empty, is always memory-mapped). ``verify=False`` skips the
+    sha256 pass (sizes are still checked) for callers that verified the directory already.
+    A memory-mapped index must not be rewritten in place while open (SIGBUS); clipforge's own
+    writers replace files by rename, which leaves open mappings intact.
+    """
+    d = Path(index_dir)
+    manifest = read_index_manifest(d)
+    info = modality_info(manifest, modality)
+    sizes = info.get("file_sizes", {})
+    files = [info["file"], *info.get("extra_files", [])]
+    for fname in files:
+        if fname not in info.get("sha256", {}):
+            raise IndexIntegrityError(f"{d / MANIFEST_NAME}: no sha256 recorded for {fname}")
+    meta = manifest["metadata"]
+    to_check = [(d / f, info["sha256"][f], sizes.get(f)) for f in files]
+    to_check.append((d / meta["file"], meta["sha256"], meta.get("size_bytes")))
+    for path, digest, size in to_check:
+        if verify:
+            verify_file(path, digest, size)
+        elif not path.is_file() or (size is not None and path.stat().st_size != size):
+            raise IndexIntegrityError(f"index file {path} is missing or has the wrong size")
+
+    index = _read_faiss(d / info["file"], mmap=mmap, on_disk=bool(info.get("extra_files")))
+    if index.ntotal != manifest["count"]:
+        raise IndexIntegrityError(
+            f"{d / info['file']} holds {index.ntotal} vectors, index.json count is "
+            f"{manifest['count']}"
+        )
+    if index.d != manifest["dim"]:
+        raise IndexIntegrityError(
+            f"{d / info['file']} has dimension {index.d}, index.json dim is {manifest['dim']}"
+        )
+    apply_search_params(index, info.get("search_params", {}))
+    metadata = pq.read_table(d / meta["file"], memory_map=True)
+    if metadata.num_rows != manifest["count"]:
+        raise IndexIntegrityError(
+            f"{d / meta['file']} has {metadata.num_rows} rows, index.json count is "
+            f"{manifest['count']}"
+        )
+    return OpenIndex(index=index, info=info, manifest=manifest, metadata=metadata)
