@@ -1,12 +1,14 @@
 """Atomic file output: write to a temporary name in the same folder, then rename.
 
 An interrupted process therefore never leaves a half-written file under a final name; at worst a
-``*.tmp-<pid>`` file remains, which readers ignore and the next run overwrites.
+``*.tmp-<pid>`` file remains, which readers ignore and which the next writer of the same final
+name removes (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from collections.abc import Iterator
@@ -19,6 +21,20 @@ TMP_MARKER = ".tmp-"
 def temp_path_for(final: Path) -> Path:
     """The temporary name used while ``final`` is written (same folder: rename is atomic)."""
     return final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}")
+
+
+def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files an interrupted writer of ``final`` left behind; return them.
+
+    Only call this from the one process that owns ``final`` (the temp name carries the pid of
+    the process that made it, so a killed writer's temp is never reused by the next one).
+    """
+    final_path = Path(final)
+    stale = sorted(final_path.parent.glob(glob.escape(final_path.name) + TMP_MARKER + "*"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 @contextlib.contextmanager

@@ -20,6 +20,9 @@ IMAGE_FORMATS: tuple[str, ...] = ("jpg", "webp", "png")
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 _PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+_EXIF_ORIENTATION = 0x0112
+# Orientations 5-8 turn the image by 90 degrees: stored width and height swap.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class ImageDecodeError(ValueError):
@@ -31,9 +34,25 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
 
     ``draft_size`` lets the JPEG decoder skip work by decoding at 1/2, 1/4 or 1/8 scale while the
     result stays at least ``draft_size`` on its shorter side (a large speed-up for big photos).
+    The returned image then is smaller than the original: use :func:`decode_image_sized` when
+    the original size matters.
+    """
+    return decode_image_sized(data, draft_size)[0]
+
+
+def decode_image_sized(
+    data: bytes, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image`, plus the original (width, height) after EXIF orientation.
+
+    The original size is read from the header before any draft-mode reduction, so it is the
+    input image's size even when the decoder skipped work (the returned image may be smaller).
     """
     try:
         img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
         if draft_size is not None and img.format == "JPEG":
             w, h = img.size
             scale = draft_size / min(w, h)
@@ -45,7 +64,7 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
         raise ImageDecodeError("not an image in a format PIL can read") from None
     except Exception as e:  # PIL raises many unrelated types for bad data
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
-    return img
+    return img, (width, height)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

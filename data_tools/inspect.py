@@ -83,7 +83,7 @@ def scan_shard(url: str, full_decode: bool) -> ShardScan:
             samples[key][ext.lower()] = data
             last_key = key
     except ShardReadError as e:
-        scan.problems.append(Problem(url, "", e.kind, e.detail))
+        scan.problems.append(Problem(url, e.member, e.kind, e.detail))
     for key in order:
         _check_sample(scan, key, samples[key], full_decode)
     return scan

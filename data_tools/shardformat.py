@@ -26,14 +26,18 @@ _MEMBER_MTIME = 1_700_000_000
 
 
 class ShardReadError(OSError):
-    """A shard cannot be read to its end. ``kind`` is ``unreadable_shard`` (nothing could be
-    read) or ``truncated_shard`` (members were read, then the data ended or broke off)."""
+    """A shard cannot be read to its end. ``kind`` is ``unreadable_shard`` (not a tar: no member
+    could be read) or ``truncated_shard`` (members were read, then the data ended or broke off).
+    ``member`` names the member being read when it broke off, or the last complete one
+    (``after NAME``); it is '' when there is none."""
 
-    def __init__(self, kind: str, url: str, detail: str) -> None:
-        super().__init__(f"{url}: {kind}: {detail}")
+    def __init__(self, kind: str, url: str, detail: str, member: str = "") -> None:
+        where = f"{url}:{member}" if member else url
+        super().__init__(f"{where}: {kind}: {detail}")
         self.kind = kind
         self.url = url
         self.detail = detail
+        self.member = member
 
 
 class ManifestError(ValueError):
@@ -155,16 +159,20 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     truncated exactly at a member boundary is caught too (stream-mode ``tarfile`` would silently
     stop there). gzip/bz2/xz-compressed tars are read transparently.
     """
-    count = 0
+    headers = 0  # member headers read: any at all means this is a tar that broke off
+    reading = ""  # the member whose data is being read
+    last = ""  # the last member read completely
     try:
         with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
+                headers += 1
                 if not info.isfile():
                     continue
+                reading = info.name
                 data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 if len(data) != info.size:
                     raise EOFError(f"member {info.name} cut short at {len(data)} of {info.size} B")
-                count += 1
+                reading, last = "", info.name
                 yield info.name, data
             end_offset = tar.offset  # where the end-of-archive blocks should start
             if (
@@ -176,8 +184,9 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     except (tarfile.ReadError, EOFError, OSError) as e:
         if isinstance(e, ShardReadError):
             raise
-        kind = "truncated_shard" if count else "unreadable_shard"
-        raise ShardReadError(kind, url, f"{type(e).__name__}: {e}") from None
+        kind = "truncated_shard" if headers else "unreadable_shard"
+        member = reading or (f"after {last}" if last else "")
+        raise ShardReadError(kind, url, f"{type(e).__name__}: {e}", member) from None
 
 
 def _is_plain_tar(path: str) -> bool:

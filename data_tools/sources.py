@@ -144,6 +144,8 @@ def _iter_delimited(
             header, caption_column, CAPTION_COLUMN_CANDIDATES, "caption", path
         )
         for values in reader:
+            if not values:
+                continue  # a blank line (e.g. a trailing one): no row, as in .jsonl
             where = f"{path.name}:{reader.line_num}"
             if len(values) != len(header):
                 yield SourceRow(

@@ -25,12 +25,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+from clipforge.data_tools.atomic import atomic_output, remove_stale_temps, write_json_atomic
 from clipforge.data_tools.images import (
     IMAGE_FORMATS,
     RESIZE_MODES,
     ImageDecodeError,
-    decode_image,
+    decode_image_sized,
     encode_image,
     resize_image,
     to_rgb,
@@ -147,7 +147,7 @@ def write_shards(
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     records: dict[int, dict[str, Any]] = {}
     written = reused = 0
-    total_rows = 0
+    source = _CountingRows(iter_source(src, config.image_column, config.caption_column))
     bar = tqdm(desc="write", unit="img", disable=not progress, dynamic_ncols=True)
     ctx = multiprocessing.get_context("spawn")  # fork + threads (tqdm) can deadlock
     with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
@@ -161,10 +161,7 @@ def write_shards(
                 _log_failures(record, config.log_failures)
                 bar.update(record["inputs"])
 
-        for index, rows in _shard_tasks(
-            iter_source(src, config.image_column, config.caption_column), config
-        ):
-            total_rows += len(rows)
+        for index, rows in _shard_tasks(source, config):
             existing = _complete_record(out, config.shard_name(index)) if config.resume else None
             if existing is not None:
                 records[index] = existing
@@ -178,7 +175,9 @@ def write_shards(
             written += 1
         collect(list(pending))
     bar.close()
-    if total_rows == 0:
+    # Counted over the whole source, not this part's rows: a part may get no shard at all (more
+    # parts than shards) and still writes its (empty) part manifest, so merge-manifests works.
+    if source.count == 0:
         raise ValueError(f"source {src} holds no images (nothing to write)")
 
     ordered = [records[i] for i in sorted(records)]
@@ -193,13 +192,28 @@ def write_shards(
     suffix = "" if config.part_count == 1 else f".part-{config.part_index}-of-{config.part_count}"
     manifest_path = out / f"manifest{suffix}.json"
     stats = _stats_from_records(ordered)
+    for final in (out / f"stats{suffix}.json", manifest_path):
+        remove_stale_temps(final)  # left by a run killed while writing them
     write_json_atomic(out / f"stats{suffix}.json", stats)
     write_json_atomic(manifest_path, manifest.to_json())
     return WriteResult(manifest, stats, written, reused, manifest_path)
 
 
+class _CountingRows:
+    """Pass rows through, counting them."""
+
+    def __init__(self, rows: Iterator[SourceRow]) -> None:
+        self._rows = rows
+        self.count = 0
+
+    def __iter__(self) -> Iterator[SourceRow]:
+        for row in self._rows:
+            self.count += 1
+            yield row
+
+
 def _shard_tasks(
-    rows: Iterator[SourceRow], config: WriteConfig
+    rows: Iterable[SourceRow], config: WriteConfig
 ) -> Iterator[tuple[int, list[SourceRow]]]:
     """Group rows into (shard index, rows) for the shards of this part."""
     current: list[SourceRow] = []
@@ -235,6 +249,9 @@ def _write_shard(
     """Worker: encode one shard's rows into ``<out>/<name>`` atomically; return its record."""
     out = Path(out_dir)
     name = config.shard_name(index)
+    # Temp files of a killed earlier run of this shard (this part owns the shard name).
+    remove_stale_temps(out / name)
+    remove_stale_temps(out / RECORDS_DIR / f"{name}.json")
     acc = StatsAccumulator()
     samples = 0
     with atomic_output(out / name) as tmp_tar:
@@ -291,14 +308,14 @@ def _encode_row(
         acc.add_failure("unreadable_image", row.source, f"{type(e).__name__}: {e}")
         return None
     try:
-        img = decode_image(
+        # JPEGs may be decoded reduced (draft mode): sizes below are the original's, not img.size
+        img, (width, height) = decode_image_sized(
             data, draft_size=None if config.resize_mode == "none" else config.image_size
         )
     except ImageDecodeError as e:
         acc.add_failure("corrupt_image", row.source, str(e))
         return None
     original_format = (img.format or "unknown").lower()
-    width, height = img.size
     if min(width, height) < config.min_size:
         acc.add_failure("too_small", row.source, f"{width}x{height} < min_size {config.min_size}")
         return None
@@ -380,6 +397,8 @@ def merge_part_manifests(out_dir: str | os.PathLike[str]) -> WriteResult:
     for path in part_files:
         stem = path.name[len("manifest.part-") : -len(".json")]
         i_str, _, n_str = stem.partition("-of-")
+        if not (i_str.isdigit() and n_str.isdigit()):
+            raise ManifestError(f"{path}: not a part manifest name (manifest.part-I-of-N.json)")
         counts.add(int(n_str))
         seen.add(int(i_str))
         part = read_manifest(out, path.name)
