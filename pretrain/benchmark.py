@@ -125,8 +125,10 @@ def run_benchmark(config: Config, warmup: int = 5, peer_python: str | None = Non
         f"(first {warmup} not timed), data {config.data.train}",
         flush=True,
     )
-    peer = bench_peer(config, warmup, peer_python)
+    # clipforge first: the peer runs as a child process, and a child's peak RSS would otherwise
+    # count in this process's RUSAGE_CHILDREN figure.
     ours = bench_clipforge(config, warmup)
+    peer = bench_peer(config, warmup, peer_python)
     peer_rate = peer.get("median_samples_per_s") if isinstance(peer, dict) else None
     print(f"{'tool':<16} {'samples/s':>10} {'data-wait':>10} {'peak RSS MB':>12}")
     print(

@@ -90,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ShardSpecError, FileNotFoundError) as e:
         print(f"clipforge-pretrain: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"done: {result.steps} steps, {result.samples_seen} samples seen, last loss "
-        f"{result.last_loss:.4f}; model -> {result.model_dir}"
-    )
+    if result.model_dir is not None:  # rank 0 only
+        print(
+            f"done: {result.steps} steps, {result.samples_seen} samples seen, last loss "
+            f"{result.last_loss:.4f}; model -> {result.model_dir}"
+        )
     return 0

@@ -195,14 +195,18 @@ def export_open_clip(
     model_cfg: dict[str, Any],
     out_dir: str | os.PathLike[str],
     preprocess_cfg: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``open_clip_config.json`` + ``open_clip_pytorch_model.bin`` (atomically) so that
-    ``open_clip.create_model_and_transforms("local-dir:OUT")`` loads the model."""
+    ``open_clip.create_model_and_transforms("local-dir:OUT")`` loads the model. ``state``: the
+    whole weights when ``model``'s own are sharded (FSDP)."""
     from clipforge.data_tools.atomic import atomic_output, write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if state is None:
+        state = model.state_dict()
+    state = {k: v.detach().to("cpu") for k, v in state.items()}
     with atomic_output(out / OPEN_CLIP_WEIGHTS_NAME) as tmp:
         torch.save(state, tmp)
     visual = getattr(model, "visual", None)

@@ -47,7 +47,14 @@ from clipforge.pretrain.distributed import (
 )
 from clipforge.pretrain.losses import make_loss
 from clipforge.pretrain.models import build_model, export_open_clip, load_tokenizer
-from clipforge.pretrain.parallelize import parallelize, unwrap
+from clipforge.pretrain.parallelize import (
+    clip_grad_norm,
+    full_model_state_dict,
+    full_state_dicts,
+    load_full_state_dicts,
+    parallelize,
+    unwrap,
+)
 from clipforge.pretrain.step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -77,10 +84,15 @@ class TrainResult:
     """What a finished run left behind."""
 
     run_dir: Path
+    """The run directory."""
     steps: int
+    """Optimizer steps done (in total, counting those before a resume)."""
     samples_seen: int
+    """Samples consumed over all ranks."""
     last_loss: float
+    """This rank's loss at the last step."""
     model_dir: Path | None
+    """The exported open_clip model folder (None on ranks other than 0)."""
 
 
 def train(config: Config, eval_callback: EvalCallback | None = None) -> TrainResult:
@@ -290,8 +302,7 @@ class Trainer:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             return StreamPosition()
         state = load_checkpoint(ckpt_path)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -319,11 +330,7 @@ class Trainer:
     def _clip_gradients(self) -> float:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.optim.grad_clip or float("inf")
-        if not params:
-            return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return clip_grad_norm(self.model, self.config.optim.grad_clip or float("inf"))
 
     def _clamp_logit_scale(self) -> None:
         with torch.no_grad():
@@ -383,10 +390,11 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         positions = _gather_positions(self.loader.position, self.info)
+        model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
         if self.info.is_main:
             state = {
-                "model": unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_sd,
+                "optimizer": optim_sd,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step,
@@ -408,9 +416,14 @@ class Trainer:
 
     def _export(self) -> Path | None:
         out = None
+        weights = full_model_state_dict(self.model)  # every rank
         if self.info.is_main:
             out = export_open_clip(
-                unwrap(self.model), self.model_cfg, self.run_dir / "model", self.preprocess_cfg
+                unwrap(self.model),
+                self.model_cfg,
+                self.run_dir / "model",
+                self.preprocess_cfg,
+                state=weights,
             )
         barrier(self.info)
         return out

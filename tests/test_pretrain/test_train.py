@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.data_tools.demo import write_demo_shards
 from clipforge.pretrain.checkpoint import list_checkpoints
 from clipforge.pretrain.cli import main
 from clipforge.pretrain.config import load_config
 from clipforge.pretrain.train import TrainingAborted, train
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_shards(out)
-    return out
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -1,0 +1,1 @@
+"""clipforge.index: embedding export, FAISS index build/load, the searcher, the HTTP service."""
