@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.data_tools.reader import ReaderConfig, make_loader
-from clipforge.pretrain.cli import main
 from clipforge.pretrain.models import load_model
 
 
@@ -32,15 +31,9 @@ def _text_to_image_recall_at_10(run: Path, demo: Path) -> tuple[float, int]:
     return float((ranks < 10).float().mean()), sim.shape[0]
 
 
-def test_tiny_model_learns_the_demo_captions(demo: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    argv = [
-        "--config", "tiny", "--set", f"data.train={demo}", "--set", f"train.run_dir={run}",
-        "--set", "train.steps=400", "--set", "data.batch_size=128", "--set", "optim.lr=2e-3",
-        "--set", "train.log_every=20", "--set", "train.checkpoint_every=400",
-        "--set", "train.progress=lines",
-    ]  # fmt: skip
-    assert main(argv) == 0
+def test_tiny_model_learns_the_demo_captions(trained_demo_run: Path, demo: Path) -> None:
+    # trained through main(argv) by the session fixture (tests/conftest.py: TRAINED_DEMO_ARGS)
+    run = trained_demo_run
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # ln(128) = 4.85 at the start
