@@ -523,12 +523,13 @@ def plan_index(count: int, dim: int, config: BuildConfig) -> IndexPlan:
     for kind, why in (
         (
             "ivf_sqfp16",
-            "float16 codes (2 bytes/dim) are near-lossless (exact for float16 embeddings), so "
+            "float16 codes (2 bytes/dim): near-lossless (exact for float16 embeddings), so "
             "recall is limited only by nprobe",
         ),
         (
             "ivf_sq8",
-            "8-bit codes (1 byte/dim, per-dimension ranges) keep recall high at half the size",
+            "8-bit codes (1 byte/dim, per-dimension ranges): high recall at half the size of "
+            "float16",
         ),
     ):
         est = estimate_bytes(kind, count, dim, nlist=nlist)
@@ -644,12 +645,15 @@ def train_index(
             # only serves Hamming-filtered search, which clipforge does not use; it dominates
             # PQ training time.
             ivfpq.do_polysemous_training = False
-        if gpu is not None:
-            # k-means assignment on the GPU; the trained centroids land in the CPU quantizer.
-            ivf.clustering_index = gpu.flat(ivf.d, ivf.metric_type)
+    clustering_index = None  # must outlive train(): SWIG does not keep it alive for us
+    if ivf is not None and gpu is not None:
+        # k-means assignment on the GPU; the trained centroids land in the CPU quantizer.
+        clustering_index = gpu.flat(ivf.d, ivf.metric_type)
+        ivf.clustering_index = clustering_index
     index.train(x)
     if ivf is not None:
         ivf.clustering_index = None
+    del clustering_index
     log(f"  trained {plan.factory} on {n} sampled vectors in {time.perf_counter() - t0:.1f} s")
     return index
 
@@ -699,7 +703,11 @@ def add_vectors(
     assigner = None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and (gpu is not None or external_assign):
-        assigner = gpu.copy(ivf.quantizer) if gpu is not None else ivf.quantizer
+        # Exact assignment over the centroids (a flat copy: also right when the CPU quantizer is
+        # an HNSW, which FAISS cannot move to a GPU).
+        flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+        flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))  # (nlist, d) centroids
+        assigner = gpu.copy(flat) if gpu is not None else flat
     stop = source.count if stop is None else stop
     t0 = time.perf_counter()
     for first_id, x in source.iter_chunks(chunk_size, start, stop):

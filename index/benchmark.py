@@ -1,0 +1,360 @@
+"""``clipforge-index bench``: clipforge's auto index vs autofaiss on PEERS.md's clustered data.
+
+Data (PEERS.md, generated exactly and cached as .npy in the work folder): numpy
+``default_rng(1234)``; 1,000 centres = standard-normal 256-d vectors, L2-normalised; each point =
+a uniformly drawn centre + isotropic Gaussian noise (std 0.75/16 per dimension), L2-normalised;
+N = 1,000,000 database points, then 1,000 evaluation queries drawn the same way, then (from the
+same generator, after the evaluation queries) 1,000 held-out *tuning* queries that clipforge's
+build uses to pick nprobe — never the evaluation queries, never the indexed vectors. Per draw:
+all centre labels first, then the noise (row chunks of one stream). Ground truth = exact
+inner-product top 10.
+
+clipforge builds with ``run_build`` (auto kind, 1 GiB budget, target recall@10 0.95); autofaiss
+runs in its own virtual environment via ``peer_autofaiss.py`` (``max_index_memory_usage="1G"``);
+both are scored by ``bench_metrics.evaluate_index`` on the same queries.
+
+    python -m clipforge.index.benchmark [--n 1000000] [--skip-peer] [--work-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+
+from . import bench_metrics, build, store
+
+DEFAULT_PEER_PYTHON = "/work/peers/autofaiss/bin/python"
+PEER_SCRIPT = Path(__file__).resolve().parent / "peer_autofaiss.py"
+
+
+@dataclass(frozen=True)
+class IndexBenchConfig:
+    """Settings of one benchmark run (defaults reproduce PEERS.md's setting)."""
+
+    n: int = 1_000_000
+    """Database size (PEERS.md: 1,000,000; smaller for a quick run)."""
+    dim: int = 256
+    """Vector dimension."""
+    n_centres: int = 1000
+    """Cluster centres."""
+    noise: float = 0.75
+    """Expected noise norm (per-dimension std = noise / sqrt(dim))."""
+    n_queries: int = 1000
+    """Evaluation queries."""
+    n_tune_queries: int = 1000
+    """Held-out tuning queries for clipforge's build (drawn after the evaluation queries)."""
+    seed: int = 1234
+    """numpy default_rng seed."""
+    memory_budget: str = "1G"
+    """Index memory budget for both tools (binary units, as autofaiss parses them)."""
+    target_recall: float = 0.95
+    """clipforge's tuning target (recall@10)."""
+    kind: str = "auto"
+    """clipforge's index kind."""
+    work_dir: str = "/tmp/clipforge_index_bench"
+    """Cache of the generated data, and the built indexes."""
+    skip_peer: bool = False
+    """Do not run autofaiss."""
+    peer_python: str = DEFAULT_PEER_PYTHON
+    """Python of autofaiss's virtual environment."""
+    peer_timeout_s: float = 4 * 3600
+    """Give up on the peer after this long."""
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _draw(
+    rng: np.random.Generator,
+    n: int,
+    centres: np.ndarray,
+    noise: float,
+    out: np.ndarray,
+    chunk: int = 100_000,
+) -> None:
+    """Fill ``out`` (n, D) float32 with unit vectors: centre[label] + N(0, (noise/sqrt(D))^2)."""
+    dim = centres.shape[1]
+    labels = rng.integers(0, len(centres), size=n)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        # consecutive standard_normal calls continue one stream: chunking changes no value
+        x = centres[labels[a:b]] + rng.standard_normal((b - a, dim)) * (noise / np.sqrt(dim))
+        out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def prepare_data(cfg: IndexBenchConfig, log: build.Log = print) -> dict[str, Path]:
+    """Generate (or reuse) database, queries, tuning queries and ground truth in the work dir.
+
+    The database is written as an EMB_DIR (``img_emb/img_emb_0.npy`` float32 + metadata +
+    embeddings.json) so clipforge builds it through its normal entry point; autofaiss reads the
+    same ``img_emb`` folder.
+    """
+    key = f"n{cfg.n}_d{cfg.dim}_c{cfg.n_centres}_s{cfg.seed}_q{cfg.n_queries}_t{cfg.n_tune_queries}"
+    d = Path(cfg.work_dir) / "data" / key
+    paths = {
+        "emb_dir": d / "emb",
+        "db": d / "emb" / "img_emb" / "img_emb_0.npy",
+        "queries": d / "queries.npy",
+        "tune_queries": d / "tune_queries.npy",
+        "truth": d / "truth.npy",
+    }
+    done = d / "done.json"
+    if done.is_file():
+        log(f"data: reusing {d}")
+        return paths
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    centres = rng.standard_normal((cfg.n_centres, cfg.dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    paths["db"].parent.mkdir(parents=True, exist_ok=True)
+    tmp_db = paths["db"].with_name(paths["db"].name + store_tmp())
+    db = np.lib.format.open_memmap(tmp_db, mode="w+", dtype=np.float32, shape=(cfg.n, cfg.dim))
+    _draw(rng, cfg.n, centres, cfg.noise, db)
+    db.flush()
+    del db
+    os.replace(tmp_db, paths["db"])
+    q = np.empty((cfg.n_queries, cfg.dim), np.float32)
+    _draw(rng, cfg.n_queries, centres, cfg.noise, q)
+    tq = np.empty((cfg.n_tune_queries, cfg.dim), np.float32)
+    _draw(rng, cfg.n_tune_queries, centres, cfg.noise, tq)
+    _save_npy(paths["queries"], q)
+    _save_npy(paths["tune_queries"], tq)
+
+    emb = paths["emb_dir"]
+    (emb / "metadata").mkdir(parents=True, exist_ok=True)
+    keys = pa.array([f"{i:09d}" for i in range(cfg.n)], pa.string())
+    table = pa.table({"key": keys, "caption": pa.nulls(cfg.n, pa.string())})
+    with atomic_output(emb / "metadata" / "metadata_0.parquet") as tmp:
+        pq.write_table(table, tmp)
+    write_json_atomic(
+        emb / build.EMBEDDINGS_MANIFEST,
+        {
+            "format": build.EMBEDDINGS_FORMAT,
+            "model_hash": "synthetic-peers-md",
+            "model_source": "PEERS.md clustered data",
+            "dim": cfg.dim,
+            "dtype": "float32",
+            "modalities": ["image"],
+            "count": cfg.n,
+            "parts": [{"part": 0, "count": cfg.n}],
+        },
+    )
+    source = build.open_vectors(emb, "image")
+    _, truth = build.exact_knn(source, q, 10)
+    _save_npy(paths["truth"], truth)
+    write_json_atomic(done, {"config": asdict(cfg), "seconds": time.perf_counter() - t0})
+    log(f"data: generated {d} in {time.perf_counter() - t0:.0f} s")
+    return paths
+
+
+def store_tmp() -> str:
+    return f".tmp-{os.getpid()}"
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+
+
+def run_clipforge(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log = print) -> dict:
+    """Build clipforge's index with held-out tuning queries; evaluate on the evaluation queries."""
+    out = Path(cfg.work_dir) / "clipforge_index"
+    t0 = time.perf_counter()
+    manifest = build.run_build(
+        paths["emb_dir"],
+        out,
+        kind=cfg.kind,
+        memory_budget=cfg.memory_budget,
+        target_recall=cfg.target_recall,
+        modalities=["image"],
+        held_out_queries={"image": paths["tune_queries"]},
+        created_by="clipforge-index bench",
+        log=log,
+    )
+    build_s = time.perf_counter() - t0
+    info = manifest["modalities"]["image"]
+    opened = store.open_index(out, "image")
+    metrics = bench_metrics.evaluate_index(
+        opened.index, np.load(paths["queries"]), np.load(paths["truth"])
+    )
+    return {
+        "tool": "clipforge",
+        "faiss": faiss.__version__,
+        "build_seconds": build_s,
+        "size_bytes": info["size_bytes"],
+        "factory": info["factory"],
+        "search_params": info["search_params"],
+        "tuning_recall_at_10": info["measured_recall_at_10"],
+        "reason": info["reason"],
+        **metrics,
+    }
+
+
+def run_peer(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log = print) -> dict:
+    """Run autofaiss in its own venv through ``peer_autofaiss.py``; return its figures."""
+    if not Path(cfg.peer_python).is_file():
+        raise FileNotFoundError(
+            f"autofaiss's python {cfg.peer_python} not found (see PEERS.md for its venv); "
+            "use --skip-peer to run clipforge alone"
+        )
+    work = Path(cfg.work_dir) / "autofaiss_index"
+    out = work / "result.json"
+    out.unlink(missing_ok=True)
+    cmd = [
+        cfg.peer_python, str(PEER_SCRIPT),
+        "--embeddings", str(paths["db"].parent),
+        "--queries", str(paths["queries"]),
+        "--truth", str(paths["truth"]),
+        "--work", str(work),
+        "--memory", cfg.memory_budget,
+        "--out", str(out),
+    ]  # fmt: skip
+    log("peer: " + " ".join(cmd))
+    # the peer venv must not see clipforge's site-packages
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run(cmd, env=env, timeout=cfg.peer_timeout_s, capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"autofaiss peer failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+ROWS = [
+    ("index", lambda r: str(r["factory"])),
+    ("search params", lambda r: str(r["search_params"])),
+    ("build time", lambda r: f"{r['build_seconds']:.0f} s"),
+    ("index size", lambda r: _mb(r["size_bytes"])),
+    ("recall@10", lambda r: f"{r['recall_at_10']:.3f}"),
+    ("recall 1@10", lambda r: f"{r['recall_1_at_10']:.3f}"),
+    ("QPS batched", lambda r: f"{r['batched_qps']:.0f} ({r['batch_threads']} thr)"),
+    ("QPS single query, 1 thread", lambda r: f"{r['single_qps']:.0f}"),
+    ("latency p50 / p99 (single)", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms"),
+]
+
+
+def format_table(results: dict[str, dict], cfg: IndexBenchConfig) -> str:
+    """Side-by-side table (one column per tool) plus caveats."""
+    names = list(results)
+    width = [max(28, *(len(n) for n in names))]
+    cells = {n: [fn(results[n]) if "error" not in results[n] else "-" for _, fn in ROWS]
+             for n in names}  # fmt: skip
+    colw = {n: max(len(n), *(len(c) for c in cells[n])) for n in names}
+    lines = [
+        f"index benchmark: {cfg.n:,} x {cfg.dim} clustered vectors (PEERS.md data), "
+        f"{cfg.n_queries} queries, budget {cfg.memory_budget}, clipforge target recall@10 "
+        f"{cfg.target_recall}",
+        "".ljust(width[0]) + "  " + "  ".join(n.ljust(colw[n]) for n in names),
+    ]
+    for i, (label, _) in enumerate(ROWS):
+        lines.append(label.ljust(width[0]) + "  " + "  ".join(cells[n][i].ljust(colw[n])
+                                                              for n in names))  # fmt: skip
+    for n in names:
+        if "error" in results[n]:
+            lines.append(f"{n}: FAILED: {results[n]['error'][:500]}")
+    if "autofaiss" in results and "clipforge" in results and "error" not in results["autofaiss"]:
+        a, c = results["autofaiss"], results["clipforge"]
+        if "error" not in c:
+            lines.append(
+                f"clipforge vs autofaiss: single-query QPS x{c['single_qps'] / a['single_qps']:.1f}"
+                f", build time x{c['build_seconds'] / a['build_seconds']:.2f}, recall@10 "
+                f"{c['recall_at_10']:.3f} vs {a['recall_at_10']:.3f}"
+            )
+    lines.append(
+        f"caveats: {os.cpu_count()} CPU cores on {platform.node()}, SHARED with other engineers' "
+        "jobs during the run (timings are noisy, both tools ran in the same session, one after "
+        "the other); clipforge faiss "
+        f"{faiss.__version__}, autofaiss with faiss-cpu 1.13.2 in its own venv; build time "
+        "includes each tool's own tuning; sizes are the index files on disk."
+    )
+    return "\n".join(lines)
+
+
+def run_index_benchmark(
+    n: int = 1_000_000,
+    work_dir: str | os.PathLike[str] = "/tmp/clipforge_index_bench",
+    skip_peer: bool = False,
+    memory_budget: str = "1G",
+    target_recall: float = 0.95,
+    kind: str = "auto",
+    peer_python: str = DEFAULT_PEER_PYTHON,
+    json_out: str | os.PathLike[str] | None = None,
+    log: build.Log = print,
+) -> dict[str, Any]:
+    """Run the benchmark, print the table, and return ``{"config", "results", "table"}``."""
+    cfg = IndexBenchConfig(
+        n=n, work_dir=str(work_dir), skip_peer=skip_peer, memory_budget=memory_budget,
+        target_recall=target_recall, kind=kind, peer_python=peer_python,
+    )  # fmt: skip
+    paths = prepare_data(cfg, log=log)
+    results: dict[str, dict] = {}
+    log("== clipforge ==")
+    try:
+        results["clipforge"] = run_clipforge(cfg, paths, log=log)
+    except Exception as e:  # report, and still run the peer
+        results["clipforge"] = {"error": f"{type(e).__name__}: {e}"}
+    if not skip_peer:
+        log("== autofaiss (own venv) ==")
+        try:
+            results["autofaiss"] = run_peer(cfg, paths, log=log)
+        except Exception as e:
+            results["autofaiss"] = {"error": f"{type(e).__name__}: {e}"}
+    table = format_table(results, cfg)
+    log(table)
+    report = {"config": asdict(cfg), "results": results, "table": table}
+    out = Path(json_out) if json_out else Path(cfg.work_dir) / "results.json"
+    write_json_atomic(out, report)
+    log(f"figures written to {out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clipforge.index.benchmark",
+                                description=__doc__.splitlines()[0])  # fmt: skip
+    p.add_argument("--n", type=int, default=1_000_000, help="database size (quick run: 100000)")
+    p.add_argument("--work-dir", default="/tmp/clipforge_index_bench")
+    p.add_argument("--skip-peer", action="store_true", help="do not run autofaiss")
+    p.add_argument("--memory-budget", default="1G")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--kind", default="auto")
+    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
+    p.add_argument("--json", default=None, help="figures JSON (default WORK/results.json)")
+    a = p.parse_args(argv)
+    report = run_index_benchmark(
+        n=a.n, work_dir=a.work_dir, skip_peer=a.skip_peer, memory_budget=a.memory_budget,
+        target_recall=a.target_recall, kind=a.kind, peer_python=a.peer_python, json_out=a.json,
+        log=lambda s: print(s, flush=True),
+    )  # fmt: skip
+    return 0 if all("error" not in r for r in report["results"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
