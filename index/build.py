@@ -512,7 +512,8 @@ def plan_index(count: int, dim: int, config: BuildConfig) -> IndexPlan:
 
     # auto
     flat_est = estimate_bytes("flat", count, dim)
-    if count <= config.flat_max_count and fits(flat_est):
+    sharded = config.num_shards is not None and config.num_shards > 1
+    if count <= config.flat_max_count and fits(flat_est) and not sharded:
         return IndexPlan(
             "flat",
             "Flat",
@@ -639,6 +640,10 @@ def train_index(
         ivf.cp.niter = config.kmeans_iterations
         ivf.cp.seed = config.seed
         ivf.cp.max_points_per_centroid = max(256, n // max(plan.nlist or 1, 1) + 1)
+        if plan.kind == "ivf_sqfp16":
+            # Encode the vectors themselves, not residuals to the centroid: float16 inputs then
+            # round-trip exactly, and the scan skips the per-cell residual term.
+            ivf.by_residual = False
         ivfpq = faiss.downcast_index(ivf)
         if isinstance(ivfpq, faiss.IndexIVFPQ):
             # Polysemous training (a simulated-annealing code reordering, the factory default)

@@ -159,6 +159,8 @@ def build_sharded_on_disk(
         )
         if ntotal != source.count:
             raise RuntimeError(f"merged {ntotal} vectors, expected {source.count}")
+        with open(work / ivfdata_name, "rb+") as f:  # durable before it gets its final name
+            os.fsync(f.fileno())
         os.replace(work / ivfdata_name, d / ivfdata_name)
         os.replace(work / f"{name}.index", d / f"{name}.index")
     finally:

@@ -56,13 +56,13 @@ def test_kind_reaches_target_recall_vs_exact(emb_dir: Path, tmp_path: Path, kind
 
 
 def test_ivf_pq_reports_plateau_honestly(emb_dir: Path, tmp_path: Path) -> None:
-    cfg = BuildConfig(flat_max_count=1000, pq_m=8, opq=False, target_recall=0.99)
+    cfg = BuildConfig(flat_max_count=1000, pq_m=4, opq=False, target_recall=0.99)
     info = run_build(
         emb_dir, tmp_path / "idx", kind="ivfpq", modalities=["image"], config=cfg, log=_silent
     )["modalities"]["image"]
-    assert info["factory"] == "IVF256,PQ8"
-    assert info["measured_recall_at_10"] > 0.5
-    # 8-byte codes on 32 dims cannot reach 0.99: said so, with the best setting found
+    assert info["factory"] == "IVF256,PQ4"
+    assert info["measured_recall_at_10"] > 0.3
+    # 4-byte codes on 32 dims cannot reach 0.99: said so, with the best setting found
     assert info["target_reached"] is False
     assert info["search_params"]["nprobe"] >= 1
 
@@ -112,6 +112,16 @@ def test_both_modalities_and_manifest(emb_dir: Path, tmp_path: Path) -> None:
     assert meta.column("key").to_pylist() == [f"{i:09d}" for i in range(12000)]
 
 
+def test_sqfp16_stores_float16_embeddings_exactly(emb_dir: Path, tmp_path: Path) -> None:
+    run_build(emb_dir, tmp_path / "idx", kind="ivf_sqfp16", modalities=["image"], config=QUIET,
+              log=_silent)  # fmt: skip
+    index = store.open_index(tmp_path / "idx").index
+    ivf = faiss.extract_index_ivf(index)
+    assert not ivf.by_residual
+    ivf.make_direct_map()
+    np.testing.assert_array_equal(index.reconstruct_n(0, 12000), load_all(emb_dir, "image"))
+
+
 def test_chunked_build_equals_one_shot(emb_dir: Path, tmp_path: Path) -> None:
     digests = []
     results = []
@@ -136,14 +146,19 @@ def test_chunked_build_equals_one_shot(emb_dir: Path, tmp_path: Path) -> None:
 def test_precomputed_assignment_route_equals_plain_add(emb_dir: Path) -> None:
     # The GPU build assigns vectors to cells with a separate quantizer copy and calls add_core;
     # run that same route on CPU and check it yields exactly what index.add_with_ids does.
+    # OPQ checks the pre-transform is applied before the external assignment.
     source = build.open_vectors(emb_dir, "image")
-    plan = plan_index(source.count, source.dim, BuildConfig(kind="ivf_sq8"))
-    trained = build.train_index(plan, source, BuildConfig(), log=_silent)
-    a, b = faiss.clone_index(trained), faiss.clone_index(trained)
-    build.add_vectors(a, source, chunk_size=3000)
-    build.add_vectors(b, source, chunk_size=3000, external_assign=True)
-    assert a.ntotal == b.ntotal == source.count
-    assert np.array_equal(faiss.serialize_index(a), faiss.serialize_index(b))
+    for cfg in (
+        BuildConfig(kind="ivf_sq8"),
+        BuildConfig(kind="ivf_pq", pq_m=8, pq_nbits=4, opq_iterations=2, nlist=64),
+    ):
+        plan = plan_index(source.count, source.dim, cfg)
+        trained = build.train_index(plan, source, cfg, log=_silent)
+        a, b = faiss.clone_index(trained), faiss.clone_index(trained)
+        build.add_vectors(a, source, chunk_size=3000)
+        build.add_vectors(b, source, chunk_size=3000, external_assign=True)
+        assert a.ntotal == b.ntotal == source.count
+        assert np.array_equal(faiss.serialize_index(a), faiss.serialize_index(b)), plan.factory
 
 
 def test_auto_choice_respects_memory_budget() -> None:

@@ -125,3 +125,11 @@ def test_sharding_needs_ivf(emb_dir: Path, tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="IVF index"):
         merge.save_trained(faiss.IndexFlatIP(8), tmp_path / "t.index")
+
+
+def test_auto_with_shards_picks_ivf(emb_dir: Path, tmp_path: Path) -> None:
+    # 7,500 vectors would be exact (flat) search, which cannot be sharded: auto picks IVF instead
+    m = run_build(emb_dir, tmp_path / "idx", modalities=["image"], num_shards=2,
+                  log=lambda _: None)  # fmt: skip
+    assert m["modalities"]["image"]["kind"] == "ivf_sqfp16"
+    assert m["modalities"]["image"]["extra_files"] == ["image.ivfdata"]
