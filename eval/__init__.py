@@ -1,0 +1,1 @@
+"""clipforge.eval: retrieval Recall@K, zero-shot classification, index quality, reports."""
