@@ -605,7 +605,7 @@ class _Gpu:
 
 
 def train_sample_size(plan: IndexPlan, count: int, config: BuildConfig) -> int:
-    """Rows used to train: ``train_points_per_cell`` per IVF cell (PQ needs >= 256*39)."""
+    """Rows used to train: ``train_points_per_cell`` per IVF cell (PQ: >= 40 per PQ centroid)."""
     if plan.kind in ("flat", "hnsw"):
         return 0
     want = config.train_points_per_cell * (plan.nlist or 1)
