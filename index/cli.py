@@ -1,0 +1,367 @@
+"""clipforge-index: embed a collection, build its FAISS index, search it, benchmark it.
+
+clipforge-index embed  --model runs/tiny --data demo-data --out demo-emb
+clipforge-index build  --embeddings demo-emb --out demo-index [--kind auto --target-recall 0.95]
+clipforge-index search --index demo-index --text "a red heart" [-k 10] [--json]
+clipforge-index serve  --index demo-index [--host 127.0.0.1 --port 8000]
+torchrun --nproc-per-node 8 -m clipforge.index embed --model ... --data ... --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+PROG = "clipforge-index"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors read ``clipforge-index: error: ...`` in subcommands too
+    (argparse would name the subcommand's prog), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _modalities(text: str) -> tuple[str, ...]:
+    mods = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in mods if m not in ("image", "text")]
+    if not mods or bad:
+        raise argparse.ArgumentTypeError(f"expected image, text or image,text; got {text!r}")
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[2:]),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="embed shards into EMB_DIR (image/text .npy + metadata)")
+    p.add_argument("--model", required=True, help="run directory, model/ folder or checkpoint")
+    p.add_argument("--data", required=True, help="SHARDS: folder, brace pattern, glob, a::b")
+    p.add_argument("--out", required=True, help="output EMB_DIR")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
+    p.add_argument(
+        "--modalities", type=_modalities, default=("image", "text"), help="image,text (default)"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--shards-per-part", type=int, default=1, help="shards per part file (unit of resume)"
+    )
+    p.add_argument("--model-name", help="open_clip model name, only for a bare weights file")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="redo all parts, even complete ones")
+
+    p = sub.add_parser("build", help="build FAISS indexes from EMB_DIR into INDEX_DIR")
+    p.add_argument("--embeddings", required=True, help="EMB_DIR written by embed")
+    p.add_argument("--out", required=True, help="output INDEX_DIR")
+    p.add_argument(
+        "--kind",
+        default="auto",
+        help="auto, flat, hnsw, ivf_flat, ivf_sqfp16, ivf_sq8, ivf_pq (default auto)",
+    )
+    p.add_argument("--memory-budget", help="upper bound on the index size, e.g. 4GB, 512MB")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
+    p.add_argument(
+        "--modalities", type=_modalities, help="which indexes to build (default: all embedded)"
+    )
+    p.add_argument("--num-shards", type=int, help="build in shards merged on disk (IVF kinds)")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                     help="require FAISS GPU")  # fmt: skip
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU only")
+
+    p = sub.add_parser("search", help="query an index by text or image")
+    p.add_argument("--index", required=True, help="INDEX_DIR")
+    p.add_argument("--text", action="append", default=[], help="text query (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="image file query (repeatable)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument(
+        "--target",
+        choices=("image", "text"),
+        default="image",
+        help="search the image index (default) or the caption index",
+    )
+    p.add_argument("--model", help="query model (default: the index's model_source)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("serve", help="HTTP search API and web page over an index")
+    p.add_argument("--index", required=True, help="INDEX_DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="query model (default: the index's model_source)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for")
+    p.add_argument("--max-batch", type=int, default=64, help="queries encoded per forward pass")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest request body (image upload)"
+    )
+
+    p = sub.add_parser(
+        "bench", help="index build/recall/QPS benchmark vs autofaiss (PEERS.md clustered data)"
+    )
+    p.add_argument("--n", type=int, default=1_000_000, help="database size (quick: 100000)")
+    p.add_argument("--work-dir", default="/tmp/clipforge_index_bench", help="data cache")
+    p.add_argument("--skip-peer", action="store_true", help="do not run autofaiss")
+    p.add_argument("--memory-budget", default="1G")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--kind", default="auto")
+    p.add_argument("--peer-python", help="python of the autofaiss venv")
+    p.add_argument("--json", help="figures JSON (default WORK_DIR/results.json)")
+
+    p = sub.add_parser(
+        "bench-embed", help="samples/s of embed vs a plain open_clip loop (same settings)"
+    )
+    p.add_argument("--model", required=True, help="run directory, model/ folder or checkpoint")
+    p.add_argument("--data", required=True, help="local uncompressed SHARDS")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--modalities", type=_modalities, default=("image", "text"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=2, help="best of N runs each")
+    p.add_argument("--work-dir", help="scratch folder (default: a temporary one)")
+    p.add_argument("--json", help="also write the figures to this file")
+
+    # --- loadtest (index/loadtest.py) ---------------------------------------------------------
+    p = sub.add_parser("loadtest", help="N concurrent text searches: errors, p50/p99, requests/s")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="base URL of a running service")
+    where.add_argument("--index", help="INDEX_DIR: start a service for it on a loopback port")
+    p.add_argument("--requests", type=int, default=500, help="requests in all (default 500)")
+    p.add_argument("--concurrency", type=int, default=16, help="in flight at once (default 16)")
+    p.add_argument("-k", type=int, default=10, help="results per search (default 10)")
+    p.add_argument("--target", choices=("image", "text"), default="image")
+    p.add_argument("--deadline", type=float, default=600.0, help="bound on the run, seconds")
+    p.add_argument("--json", help="also write the figures to this file")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import EmbedConfig, embed
+
+    config = EmbedConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        modalities=args.modalities,
+        device=args.device,
+        shards_per_part=args.shards_per_part,
+        model_name=args.model_name,
+        progress=args.progress,
+        overwrite=args.overwrite,
+    )
+    result = embed(config)
+    if result.manifest is not None:
+        m = result.manifest
+        skipped = sum(m["skipped"].values())
+        print(
+            f"embedded {m['count']} samples ({', '.join(m['modalities'])}, dim {m['dim']}, "
+            f"{m['dtype']}) in {len(m['parts'])} part(s) -> {args.out}; this run"
+            f"{' (rank 0)' if result.world_size > 1 else ''}: {len(result.parts_written)} "
+            f"part(s) written, {len(result.parts_kept)} kept, {result.samples_per_s:.1f} "
+            f"samples/s; skipped {skipped} bad sample(s) in all"
+            + (f" {m['skipped']}" if skipped else "")
+        )
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import run_build
+
+    run_build(
+        args.embeddings,
+        args.out,
+        kind=args.kind,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        modalities=args.modalities,
+        num_shards=args.num_shards,
+        use_gpu=args.use_gpu,
+        created_by=f"{PROG} build",
+    )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .searcher import Searcher, SearchError
+
+    if not args.text and not args.image:
+        raise SearchError("give a query: --text TEXT and/or --image PATH")
+    searcher = Searcher.open(args.index, model=args.model, device=args.device)
+    results: list[dict[str, Any]] = []
+    if args.text:
+        for q, hits in zip(
+            args.text, searcher.search_text(args.text, args.k, args.target), strict=True
+        ):
+            results.append({"query": q, "type": "text", "target": args.target, "hits": hits})
+    if args.image:
+        for q, hits in zip(
+            args.image, searcher.search_image(args.image, args.k, args.target), strict=True
+        ):
+            results.append({"query": q, "type": "image", "target": args.target, "hits": hits})
+    if args.json:
+        for r in results:
+            r["hits"] = [h.to_dict() for h in r["hits"]]
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for r in results:
+        print(f"{r['type']} query {r['query']!r} -> {r['target']} ({len(r['hits'])} hits)")
+        print(f"{'rank':>4}  {'score':>6}  {'key':<14} {'caption':<48} source")
+        for rank, h in enumerate(r["hits"], 1):
+            caption = h.caption if len(h.caption) <= 48 else h.caption[:45] + "..."
+            print(f"{rank:>4}  {h.score:>6.3f}  {h.key:<14} {caption:<48} {h.source}")
+        print()
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:  # fastapi/uvicorn are only needed by the service
+        raise ValueError(f"serve needs the server dependencies (fastapi, uvicorn): {e}") from None
+    config = ServerConfig(
+        index_dir=args.index,
+        model=args.model,
+        device=args.device,
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    )
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import DEFAULT_PEER_PYTHON, run_index_benchmark
+
+    report = run_index_benchmark(
+        n=args.n,
+        work_dir=args.work_dir,
+        skip_peer=args.skip_peer,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        kind=args.kind,
+        peer_python=args.peer_python or DEFAULT_PEER_PYTHON,
+        json_out=args.json,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0 if all("error" not in r for r in report["results"].values()) else 1
+
+
+def _cmd_bench_embed(args: argparse.Namespace) -> int:
+    from .embed import bench_embed
+
+    with tempfile.TemporaryDirectory(prefix="clipforge-bench-embed-") as tmp:
+        r = bench_embed(
+            args.model,
+            args.data,
+            args.work_dir or tmp,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            threads=args.threads,
+            modalities=args.modalities,
+            device=args.device,
+            repeats=args.repeats,
+        )
+    print(
+        f"bench-embed: {r.samples} samples, batch {r.batch_size}, {r.workers} worker(s), "
+        f"{r.threads} thread(s), {r.device}, modalities {','.join(args.modalities)}"
+    )
+    cpu_ratio = r.clipforge_samples_per_cpu_s / max(r.plain_samples_per_cpu_s, 1e-12)
+    print(f"{'':20}{'samples/s':>12}{'samples/CPU-s':>16}")
+    print(f"{'clipforge embed':20}{r.clipforge_samples_per_s:12.1f}"
+          f"{r.clipforge_samples_per_cpu_s:16.1f}")  # fmt: skip
+    print(f"{'plain open_clip':20}{r.plain_samples_per_s:12.1f}{r.plain_samples_per_cpu_s:16.1f}")
+    print(f"{'ratio':20}{r.ratio:11.2f}x{cpu_ratio:15.2f}x")
+    print(f"max |difference| of the embeddings: {r.max_abs_diff:.2e}")
+    if args.json:
+        from dataclasses import asdict
+
+        from clipforge.data_tools.atomic import write_json_atomic
+
+        write_json_atomic(args.json, {**asdict(r), "ratio": r.ratio})
+    return 0
+
+
+# --- loadtest (index/loadtest.py) -------------------------------------------------------------
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from .loadtest import LoadTestConfig, run_loadtest
+
+    config = LoadTestConfig(
+        url=args.url,
+        index_dir=args.index,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        k=args.k,
+        target=args.target,
+        deadline_s=args.deadline,
+    )
+    result = run_loadtest(config, log=lambda line: print(line, flush=True))
+    print(result.summary())
+    if args.json:
+        from clipforge.data_tools.atomic import write_json_atomic
+
+        figures = {k: v for k, v in vars(result).items() if k != "latencies_ms"}
+        figures.update(
+            requests_per_s=result.requests_per_s,
+            p50_ms=result.percentile(50),
+            p99_ms=result.percentile(99),
+        )
+        write_json_atomic(args.json, figures)
+    return 0 if result.errors == 0 and result.not_run == 0 else 1
+
+
+COMMANDS = {
+    "embed": _cmd_embed,
+    "build": _cmd_build,
+    "search": _cmd_search,
+    "serve": _cmd_serve,
+    "bench": _cmd_bench,
+    "bench-embed": _cmd_bench_embed,
+    "loadtest": _cmd_loadtest,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``clipforge-index``; returns the exit code (2 with a one-line error for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints "PROG: error: ..." and exits 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipforge").setLevel(logging.INFO)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as e:
+        # Every clipforge input error is a ValueError (EmbedError, SearchError, ShardSpecError,
+        # IndexIntegrityError, ConfigError, ...) or an OSError (missing files): one line, no
+        # traceback. Anything else is a bug and keeps its traceback.
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,961 @@
+"""Embed a sharded collection with a trained model into ``EMB_DIR`` (the clip-retrieval layout).
+
+``EMB_DIR`` layout (the contract with :mod:`clipforge.index.build`)::
+
+    img_emb/img_emb_{P}.npy         (n_P, D) float16|float32, L2-normalised image embeddings
+    text_emb/text_emb_{P}.npy       (n_P, D) caption embeddings, row i = the same sample
+    metadata/metadata_{P}.parquet   key, caption, shard, member, offset, size, source (row-aligned)
+    parts/part_{P}.json             completion marker of part P (written last, after its files)
+    embeddings.json                 written at the end by rank 0 from the markers
+
+Parts: the shard list (in SHARDS order) is cut into groups of ``shards_per_part`` shards; part
+``P`` is group ``P`` and belongs to rank ``P % world_size``. Numbering depends only on the shard
+list, so a restarted run (any number of ranks) finds the parts that are complete -- those with a
+marker whose recorded files are present -- and redoes the others from scratch. Every file is
+written under a temporary name and renamed, and the marker is renamed into place last, so a part
+killed half-way is never taken for a complete one.
+
+Inside a rank, the data-loader workers take whole parts (worker ``w`` of ``W`` reads parts
+``w, w+W, ...``), so each part's rows come from one worker in shard order, and skipped samples are
+attributed exactly to the part they came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, get_worker_info
+
+from clipforge.data_tools.atomic import atomic_output, remove_stale_temps, write_json_atomic
+from clipforge.data_tools.reader import (
+    ReaderConfig,
+    ShardSource,
+    ShardStream,
+    _Skips,  # the reader's per-worker skip counter: we reuse its policy, per part
+    iter_tar_samples,
+    parse_shard_spec,
+)
+from clipforge.data_tools.shardformat import (
+    IMAGE_MEMBER_EXTENSIONS,
+    is_remote,
+    read_manifest,
+    split_member_name,
+)
+from clipforge.pretrain.distributed import DistInfo, barrier, init_distributed, shutdown
+from clipforge.pretrain.models import LoadedModel, load_model
+
+from .build import EMB_LAYOUT, EMBEDDINGS_FORMAT, EMBEDDINGS_MANIFEST
+from .store import sha256_file
+
+log = logging.getLogger(__name__)
+
+PART_FORMAT = "clipforge-embeddings-part/1"
+PARTS_DIR = "parts"
+METADATA_DIR = "metadata"
+MODALITIES = ("image", "text")
+DTYPES = ("float16", "float32")
+METADATA_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("shard", pa.string()),
+        ("member", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("source", pa.string()),
+    ]
+)
+
+
+class EmbedError(ValueError):
+    """Bad embed input or an ``EMB_DIR`` that cannot be resumed (the message names what)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of one embedding run (``clipforge-index embed`` flags map onto these)."""
+
+    model: str
+    """Run directory, ``model/`` folder or checkpoint file (see ``pretrain.models.load_model``)."""
+    data: str
+    """SHARDS specification (folder, brace pattern, glob, ``::``-joined list)."""
+    out: str
+    """Output ``EMB_DIR``."""
+    dtype: str = "float16"
+    """Storage dtype of the embeddings: ``float16`` (half the disk) or ``float32``."""
+    batch_size: int = 256
+    """Samples per forward pass."""
+    workers: int = 2
+    """Data-loader processes per rank (decode + resize); capped at the number of parts to do."""
+    modalities: tuple[str, ...] = MODALITIES
+    """Which embeddings to write: ``image``, ``text`` or both."""
+    device: str = "auto"
+    """``auto`` (the rank's GPU if any, else CPU), ``cpu`` or ``cuda``; cuda absent is an error."""
+    shards_per_part: int = 1
+    """Shards per part file (the unit of resume and of work per rank)."""
+    model_name: str | None = None
+    """open_clip model name/config JSON, only for a bare weights file without config."""
+    progress: str = "auto"
+    """``auto`` (a bar on a TTY, plain lines otherwise), ``bar``, ``lines`` or ``none``."""
+    overwrite: bool = False
+    """Redo every part even when ``EMB_DIR`` holds complete ones (e.g. from another model)."""
+    dist_timeout_s: int = 24 * 3600
+    """Process-group timeout: ranks that finish early wait this long at the final barrier."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise EmbedError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise EmbedError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise EmbedError(f"workers must be >= 0, got {self.workers}")
+        if self.shards_per_part < 1:
+            raise EmbedError(f"shards_per_part must be >= 1, got {self.shards_per_part}")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if not self.modalities or bad or len(set(self.modalities)) != len(self.modalities):
+            raise EmbedError(
+                f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}"
+            )
+        if self.progress not in ("auto", "bar", "lines", "none"):
+            raise EmbedError(f"progress must be auto|bar|lines|none, got {self.progress!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise EmbedError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What one rank did (``manifest`` is set on rank 0 only)."""
+
+    out_dir: Path
+    """The ``EMB_DIR``."""
+    parts_written: tuple[int, ...]
+    """Parts this rank embedded in this run."""
+    parts_kept: tuple[int, ...]
+    """This rank's parts found complete and skipped (resume)."""
+    samples: int
+    """Samples this rank embedded in this run."""
+    seconds: float
+    """Wall time of this rank's embedding loop (model loading excluded)."""
+    skipped: dict[str, int]
+    """Bad samples skipped by this rank in this run, by reason."""
+    manifest: dict[str, Any] | None = None
+    """The ``embeddings.json`` written (rank 0), else None."""
+    world_size: int = 1
+    """Ranks in the job."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def part_files(part: int, modalities: Sequence[str]) -> list[str]:
+    """Paths (relative to ``EMB_DIR``) of part ``part``'s data files, marker excluded."""
+    files = [f"{EMB_LAYOUT[m][0]}/{EMB_LAYOUT[m][1]}_{part}.npy" for m in modalities]
+    return [*files, f"{METADATA_DIR}/metadata_{part}.parquet"]
+
+
+def marker_path(out_dir: str | os.PathLike[str], part: int) -> Path:
+    """The completion marker of part ``part``."""
+    return Path(out_dir) / PARTS_DIR / f"part_{part}.json"
+
+
+def plan_parts(shards: Sequence[str], shards_per_part: int = 1) -> list[tuple[str, ...]]:
+    """Cut the shard list into parts, in order: part ``P`` = shards ``[P*s, (P+1)*s)``."""
+    if shards_per_part < 1:
+        raise EmbedError(f"shards_per_part must be >= 1, got {shards_per_part}")
+    return [tuple(shards[i : i + shards_per_part]) for i in range(0, len(shards), shards_per_part)]
+
+
+def _shard_id(url: str) -> str:
+    """How a shard is named in metadata and markers: absolute path when local, URL otherwise."""
+    return url if is_remote(url) else os.path.abspath(url)
+
+
+def scan_image_members(url: str) -> list[tuple[str, str, int, int]] | None:
+    """``(key, member, data_offset, size)`` per sample of a local uncompressed tar, in order.
+
+    Reads only the tar headers (``tarfile`` seeks over member data), so it costs a few ms per
+    thousand samples. ``member`` is the image member the reader decodes (the first of
+    :data:`IMAGE_MEMBER_EXTENSIONS` present), or ``""`` with offset/size -1 when the sample has
+    none. Samples are grouped by consecutive key exactly as the reader groups them. Returns None
+    for remote or compressed shards, where byte offsets cannot be served by random access; a
+    truncated tar yields the samples whose headers could be read.
+    """
+    if is_remote(url):
+        return None
+    groups: list[tuple[str, dict[str, tuple[str, int, int]]]] = []
+    try:
+        with tarfile.open(url, mode="r:") as tar:  # "r:" refuses compressed tars: no offsets
+            while True:
+                try:
+                    info = tar.next()
+                except (tarfile.TarError, OSError, EOFError):
+                    break  # truncated: keep what was read, the rest gets -1
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][ext.lower()] = (info.name, info.offset_data, info.size)
+    except (tarfile.ReadError, tarfile.CompressionError):
+        return None
+    out = []
+    for key, members in groups:
+        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
+        name, offset, size = members[ext] if ext is not None else ("", -1, -1)
+        out.append((key, name, offset, size))
+    return out
+
+
+def read_member_bytes(shard: str | os.PathLike[str], offset: int, size: int) -> bytes:
+    """The ``size`` bytes at ``offset`` of a local shard: an image member by random access."""
+    if offset < 0 or size < 0:
+        raise EmbedError(f"{shard}: no byte offset recorded (remote or compressed shard)")
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise EmbedError(f"{shard}: {size} bytes at offset {offset} requested, {len(data)} read")
+    return data
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+class _PartStream(ShardStream):
+    """The reader's stream, iterated part by part: worker ``w`` reads whole parts ``w::W``.
+
+    Reuses the reader's decoding, skip policy and batching (``ShardStream._batches``) on each
+    part's shards, so embedding sees exactly the samples training and eval see. Batches never
+    span parts; after each part comes an end marker ``{"part_end": P, "members": ...}`` with
+    the tar member offsets of its shards (scanned in the worker, off the model's critical path).
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[int, tuple[str, ...]]],
+        image_transform: Callable[[Any], torch.Tensor],
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        batch_size: int,
+    ) -> None:
+        urls = tuple(u for _, shards in parts for u in shards)
+        super().__init__(
+            [ShardSource(urls)],
+            image_transform,
+            batch_transform,
+            tokenizer,
+            ReaderConfig(batch_size),
+        )
+        self.parts = list(parts)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for part, shards in self.parts[worker::num_workers]:
+            skips = _Skips(self.config.on_error)
+            raw = (s for url in shards for s in iter_tar_samples(url, skips))
+            seed = (self.config.seed, 0, part, 0)  # eval transforms draw nothing; kept stable
+            for batch in self._batches(raw, skips, worker, 0, seed):
+                batch["part"] = part
+                yield batch
+            members = {url: scan_image_members(url) for url in shards}
+            yield {"part_end": part, "members": members, "skipped": skips.take()}
+
+
+# ----------------------------------------------------------------------------- one part
+
+
+@dataclass
+class _PartBuffer:
+    """Rows of one part accumulated until its end marker arrives."""
+
+    image: list[np.ndarray] = field(default_factory=list)
+    text: list[np.ndarray] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+
+def _metadata_table(
+    buf: _PartBuffer, members: dict[str, list[tuple[str, str, int, int]] | None]
+) -> pa.Table:
+    """The part's metadata rows, each matched to its tar member by walking the header scan."""
+    cursor = dict.fromkeys(members, 0)
+    member_col, offset_col, size_col = [], [], []
+    for key, url in zip(buf.keys, buf.urls, strict=True):
+        scan = members.get(url)
+        found = ("", -1, -1)
+        if scan is not None:
+            i = cursor[url]
+            while i < len(scan) and scan[i][0] != key:
+                i += 1
+            if i < len(scan):
+                found = scan[i][1:]
+                cursor[url] = i + 1
+        member_col.append(found[0])
+        offset_col.append(found[1])
+        size_col.append(found[2])
+    return pa.table(
+        {
+            "key": buf.keys,
+            "caption": buf.captions,
+            "shard": [_shard_id(u) for u in buf.urls],
+            "member": member_col,
+            "offset": offset_col,
+            "size": size_col,
+            "source": buf.sources,
+        },
+        schema=METADATA_SCHEMA,
+    )
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)  # a file object: np.save would append ".npy" to a temp *name*
+
+
+def _write_part(
+    out: Path,
+    part: int,
+    shards: tuple[str, ...],
+    buf: _PartBuffer,
+    members: dict[str, Any],
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """Write part ``part``'s files atomically, then its marker; return the marker."""
+    dim, dtype = run["dim"], np.dtype(run["dtype"])
+    arrays = {
+        "image": np.concatenate(buf.image) if buf.image else np.zeros((0, dim), np.float32),
+        "text": np.concatenate(buf.text) if buf.text else np.zeros((0, dim), np.float32),
+    }
+    files: dict[str, dict[str, Any]] = {}
+    for m in run["modalities"]:
+        rel = part_files(part, [m])[0]
+        arr = arrays[m].astype(dtype)  # (n_P, D)
+        if arr.shape != (buf.count, dim):
+            raise RuntimeError(f"part {part}: {m} array {arr.shape} != ({buf.count}, {dim})")
+        _save_npy(out / rel, arr)
+        files[rel] = {}
+    meta_rel = part_files(part, [])[0]
+    table = _metadata_table(buf, members)
+    with atomic_output(out / meta_rel) as tmp:
+        pq.write_table(table, tmp)
+    files[meta_rel] = {}
+    for rel in files:
+        files[rel] = {"size_bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
+    marker = {
+        "format": PART_FORMAT,
+        "part": part,
+        "shards": [_shard_id(u) for u in shards],
+        "count": buf.count,
+        "dim": dim,
+        "dtype": run["dtype"],
+        "modalities": list(run["modalities"]),
+        "model_hash": run["model_hash"],
+        "skipped": dict(sorted(buf.skipped.items())),
+        "files": files,
+    }
+    write_json_atomic(marker_path(out, part), marker)  # last: the part is now complete
+    return marker
+
+
+def read_part_marker(out_dir: str | os.PathLike[str], part: int) -> dict[str, Any] | None:
+    """Part ``part``'s marker, or None when the part is not complete (no or unreadable marker,
+    or a recorded file missing or of another size)."""
+    out = Path(out_dir)
+    path = marker_path(out, part)
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        log.warning("%s is unreadable: part %d will be redone", path, part)
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != PART_FORMAT:
+        log.warning("%s is not a part marker: part %d will be redone", path, part)
+        return None
+    for rel, rec in marker.get("files", {}).items():
+        f = out / rel
+        if not f.is_file() or f.stat().st_size != rec.get("size_bytes"):
+            log.warning("%s: %s is missing or resized: part %d will be redone", path, rel, part)
+            return None
+    return marker
+
+
+def _check_marker(marker: dict[str, Any], part: int, shards: tuple[str, ...], run: dict) -> None:
+    """A complete part of another run (other shards, model, dtype, modalities) is an error:
+    mixing it in would silently produce a collection no single run made."""
+    where = f"{marker_path(run['out'], part)}"
+    expected = {
+        "shards": [_shard_id(u) for u in shards],
+        "model_hash": run["model_hash"],
+        "dtype": run["dtype"],
+        "modalities": list(run["modalities"]),
+        "dim": run["dim"],
+    }
+    for name, value in expected.items():
+        if marker.get(name) != value:
+            raise EmbedError(
+                f"{where}: this EMB_DIR holds a part made with {name}={marker.get(name)!r}, this "
+                f"run has {name}={value!r}; use another --out, or --overwrite to redo every part"
+            )
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """samples/s on a tqdm bar (TTY) or as a plain line every ``every_s`` seconds."""
+
+    def __init__(
+        self, mode: str, total: int | None, enabled: bool, label: str, every_s: float = 10.0
+    ) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.total = total
+        self.every_s = every_s
+        self.label = label
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=label, unit="sample", unit_scale=True, dynamic_ncols=True
+            )
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.mode == "lines" and now - self.last >= self.every_s:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self.t0, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        print(f"{self.label}: {self.n}{of} samples, {rate:.1f} samples/s", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "lines":
+            self._line(time.perf_counter())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when visible else ``cpu``; asking for CUDA without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedError(f"--device {device} was asked but no CUDA device is visible")
+    return device
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on GPUs (tensor-core speed; embeddings are normalised in float32 after)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _encode_batch(
+    loaded: LoadedModel,
+    batch: dict[str, Any],
+    modalities: Sequence[str],
+    device: torch.device,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with torch.inference_mode(), _autocast(device):
+        if "image" in modalities:
+            images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+            if normalize is not None:  # uint8 -> normalised float, here on the GPU
+                images = normalize(images)
+            feats = loaded.model.encode_image(images)  # (B, D)
+            out["image"] = F.normalize(feats.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
+        if "text" in modalities:
+            tokens = batch["text"].to(device, non_blocking=True)  # (B, context_length)
+            feats = loaded.model.encode_text(tokens)  # (B, D)
+            out["text"] = F.normalize(feats.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
+    return out
+
+
+def _manifest_total(shards: Sequence[str]) -> int | None:
+    """Samples in ``shards`` per their folders' manifests (None if any is unknown)."""
+    total = 0
+    by_folder: dict[Path, dict[str, int] | None] = {}
+    for url in shards:
+        if is_remote(url):
+            return None
+        folder = Path(url).parent
+        if folder not in by_folder:
+            try:
+                m = read_manifest(folder)
+            except ValueError:
+                m = None
+            by_folder[folder] = None if m is None else {s.name: s.samples for s in m.shards}
+        counts = by_folder[folder]
+        if counts is None or Path(url).name not in counts:
+            return None
+        total += counts[Path(url).name]
+    return total
+
+
+def embed(
+    config: EmbedConfig,
+    loaded: LoadedModel | None = None,
+    dist_info: DistInfo | None = None,
+) -> EmbedResult:
+    """Embed ``config.data`` into ``config.out``; every rank of a torchrun job calls this.
+
+    ``loaded``: an already loaded model (its device is used; ``config.model`` then only names
+    it in ``embeddings.json``). ``dist_info``: an existing process setup; by default one is
+    initialised from the launch environment (and torn down at the end).
+    """
+    device_name = resolve_device(config.device)
+    own_dist = dist_info is None
+    info = dist_info or init_distributed(
+        "cuda" if device_name.startswith("cuda") else "cpu", timeout_s=config.dist_timeout_s
+    )
+    try:
+        return _embed(config, loaded, info, device_name)
+    finally:
+        if own_dist:
+            shutdown(info)
+
+
+def _embed(
+    config: EmbedConfig, loaded: LoadedModel | None, info: DistInfo, device_name: str
+) -> EmbedResult:
+    urls = [u for src in parse_shard_spec(config.data) for u in src.urls]
+    parts = plan_parts(urls, config.shards_per_part)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main and config.overwrite:
+        (out / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+    if loaded is None:
+        # torchrun: the rank's own GPU (info.device); single process: an explicit cuda:N wins.
+        device = torch.device(device_name) if device_name.startswith("cuda:") else info.device
+        loaded = load_model(config.model, device, config.model_name)
+    device = next(loaded.model.parameters()).device
+    dim = _embed_dim(loaded)
+    run = {
+        "out": out,
+        "dim": dim,
+        "dtype": config.dtype,
+        "modalities": list(config.modalities),
+        "model_hash": loaded.model_hash,
+    }
+
+    mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
+    kept, todo = [], []
+    for p in mine:
+        marker = None if config.overwrite else read_part_marker(out, p)
+        if marker is not None:
+            _check_marker(marker, p, parts[p], run)
+            kept.append(p)
+        else:
+            todo.append(p)
+    if kept:
+        log.info("rank %d: %d part(s) already complete, kept: %s", info.rank, len(kept), kept)
+    for p in todo:  # leftovers of a killed writer of this part (temps carry a dead pid)
+        for rel in [*part_files(p, MODALITIES), f"{PARTS_DIR}/part_{p}.json"]:
+            remove_stale_temps(out / rel)
+        marker_path(out, p).unlink(missing_ok=True)
+
+    t0 = time.perf_counter()
+    written: list[int] = []
+    skipped: Counter[str] = Counter()
+    samples = 0
+    if todo:
+        per_sample, per_batch = loaded.image_transforms()
+        tokenizer = loaded.tokenizer if "text" in config.modalities else None
+        # On a GPU, uint8 batches travel (4x fewer bytes) and are normalised there; on a CPU the
+        # workers normalise, off the main process that runs the model.
+        on_device = device.type == "cuda"
+        stream = _PartStream(
+            [(p, parts[p]) for p in todo],
+            per_sample,
+            None if on_device else per_batch,
+            tokenizer,
+            config.batch_size,
+        )
+        workers = min(config.workers, len(todo))
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        total = _manifest_total([u for p in todo for u in parts[p]])
+        # Rank 0 shows its own progress (the others' would interleave); all ranks run alike.
+        label = "embed" if info.world_size == 1 else f"embed (rank 0 of {info.world_size})"
+        progress = _Progress(config.progress, total, enabled=info.is_main, label=label)
+        buffers: dict[int, _PartBuffer] = {}
+        try:
+            for batch in loader:
+                part = batch["part"] if "part" in batch else batch["part_end"]
+                buf = buffers.setdefault(part, _PartBuffer())
+                buf.skipped.update(batch["skipped"])
+                skipped.update(batch["skipped"])
+                if "part_end" in batch:
+                    _write_part(out, part, parts[part], buffers.pop(part), batch["members"], run)
+                    written.append(part)
+                    continue
+                if not batch["caption"]:
+                    continue  # an empty batch only hands over skip counts
+                emb = _encode_batch(
+                    loaded, batch, config.modalities, device, per_batch if on_device else None
+                )
+                if "image" in emb:
+                    buf.image.append(emb["image"])
+                if "text" in emb:
+                    buf.text.append(emb["text"])
+                buf.keys.extend(batch["key"])
+                buf.captions.extend(batch["caption"])
+                buf.urls.extend(batch["url"])
+                buf.sources.extend(_source(m) for m in batch["meta"])
+                samples += len(batch["key"])
+                progress.update(len(batch["key"]))
+        finally:
+            progress.close()
+    seconds = time.perf_counter() - t0
+    if skipped:
+        n_bad = sum(skipped.values())
+        log.warning("rank %d skipped %d bad sample(s): %s", info.rank, n_bad, dict(skipped))
+
+    barrier(info)
+    manifest = None
+    if info.is_main:
+        manifest = write_embeddings_manifest(out, parts, config, loaded, info.world_size)
+    barrier(info)  # nobody returns (and e.g. reads embeddings.json) before it exists
+    return EmbedResult(
+        out, tuple(written), tuple(kept), samples, seconds, dict(skipped), manifest, info.world_size
+    )
+
+
+def _embed_dim(loaded: LoadedModel) -> int:
+    """Output dimension of the model's towers (one tiny text forward: works for every tower)."""
+    with torch.inference_mode():
+        device = next(loaded.model.parameters()).device
+        tokens = loaded.tokenizer(["a"]).to(device)
+        return int(loaded.model.encode_text(tokens).shape[-1])
+
+
+def _source(meta: Any) -> str:
+    if isinstance(meta, dict):
+        src = meta.get("source")
+        return "" if src is None else str(src)
+    return ""
+
+
+def write_embeddings_manifest(
+    out_dir: str | os.PathLike[str],
+    parts: Sequence[tuple[str, ...]],
+    config: EmbedConfig,
+    loaded: LoadedModel,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Write ``embeddings.json`` from the parts' markers (every part must be complete)."""
+    out = Path(out_dir)
+    markers = []
+    for p in range(len(parts)):
+        marker = read_part_marker(out, p)
+        if marker is None:
+            raise EmbedError(
+                f"{marker_path(out, p)} is missing: part {p} is not complete (did rank "
+                f"{p % world_size} fail?); re-run the same command to finish it"
+            )
+        markers.append(marker)
+    skipped: Counter[str] = Counter()
+    for m in markers:
+        skipped.update(m.get("skipped", {}))
+    manifest = {
+        "format": EMBEDDINGS_FORMAT,
+        "model_hash": loaded.model_hash,
+        # What the user named (run dir / checkpoint): load_model(model_source) reloads it.
+        "model_source": os.path.abspath(config.model),
+        "dim": markers[0]["dim"] if markers else _embed_dim(loaded),
+        "dtype": config.dtype,
+        "modalities": list(config.modalities),
+        "count": sum(int(m["count"]) for m in markers),
+        "parts": [{"part": m["part"], "count": m["count"], "shards": m["shards"]} for m in markers],
+        "data": config.data,
+        "skipped": dict(sorted(skipped.items())),
+    }
+    write_json_atomic(out / EMBEDDINGS_MANIFEST, manifest)
+    return manifest
+
+
+def iter_parts(
+    emb_dir: str | os.PathLike[str],
+) -> Iterator[tuple[int, dict[str, np.ndarray], pa.Table]]:
+    """``(part, {modality: (n_P, D) array}, metadata)`` for each part of a finished ``EMB_DIR``
+    (arrays memory-mapped)."""
+    d = Path(emb_dir)
+    manifest = json.loads((d / EMBEDDINGS_MANIFEST).read_text())
+    for p in manifest["parts"]:
+        arrays = {
+            m: np.load(d / part_files(p["part"], [m])[0], mmap_mode="r")
+            for m in manifest["modalities"]
+        }
+        yield p["part"], arrays, pq.read_table(d / part_files(p["part"], [])[0])
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+@dataclass(frozen=True)
+class EmbedBenchResult:
+    """``clipforge-index bench-embed`` figures: clipforge embed vs a plain open_clip loop."""
+
+    samples: int
+    """Samples embedded per run (both pipelines embed the same samples)."""
+    clipforge_samples_per_s: float
+    """clipforge ``embed`` end to end (reader, model, part files, markers, embeddings.json)."""
+    plain_samples_per_s: float
+    """Plain loop: map-style Dataset, PIL decode, ``open_clip.image_transform``, DataLoader."""
+    clipforge_samples_per_cpu_s: float
+    """clipforge samples per CPU-second (main process + its data workers): robust to other
+    load on a shared machine, where wall-clock figures are not."""
+    plain_samples_per_cpu_s: float
+    """The plain loop's samples per CPU-second."""
+    max_abs_diff: float
+    """Largest |clipforge - plain| over all embedding values (float32): same inputs, same math."""
+    batch_size: int
+    """Batch size of both."""
+    workers: int
+    """Data-loader workers of both."""
+    threads: int
+    """torch intra-op threads of both."""
+    device: str
+    """Device of both."""
+
+    @property
+    def ratio(self) -> float:
+        """clipforge / plain throughput."""
+        return self.clipforge_samples_per_s / max(self.plain_samples_per_s, 1e-12)
+
+
+class _PlainTarDataset(torch.utils.data.Dataset):
+    """What a user would write with open_clip alone: samples indexed by tar offsets, decoded
+    with PIL and transformed by ``open_clip.image_transform``, captions tokenized per batch."""
+
+    def __init__(self, shards: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.items: list[tuple[str, str, int, int, int, int]] = []
+        for url in shards:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(url, mode="r:") as tar:
+                for info in tar:
+                    key, ext = split_member_name(info.name)
+                    groups.setdefault(key, {})[ext.lower()] = info
+            for key, members in groups.items():
+                ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
+                if ext is None or "txt" not in members:
+                    continue
+                img, txt = members[ext], members["txt"]
+                self.items.append((url, key, img.offset_data, img.size, txt.offset_data, txt.size))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        import io
+
+        from PIL import Image
+
+        from clipforge.data_tools.images import to_rgb
+
+        url, key, io_, isz, to_, tsz = self.items[i]
+        with open(url, "rb") as f:
+            f.seek(io_)
+            image_bytes = f.read(isz)
+            f.seek(to_)
+            caption = f.read(tsz).decode("utf-8").strip()
+        # to_rgb (alpha composited on white) as the reader does, so both see the same pixels.
+        image = to_rgb(Image.open(io.BytesIO(image_bytes)))
+        return self.transform(image), caption, key
+
+
+def _plain_loop(
+    loaded: LoadedModel,
+    shards: Sequence[str],
+    batch_size: int,
+    workers: int,
+    modalities: Sequence[str],
+) -> tuple[float, int, dict[str, dict[str, np.ndarray]]]:
+    import open_clip
+
+    transform = open_clip.image_transform(
+        loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std
+    )
+    tokenizer = loaded.tokenizer
+
+    def collate(rows: list[tuple[torch.Tensor, str, str]]) -> dict[str, Any]:
+        return {
+            "image": torch.stack([r[0] for r in rows]),  # (B, 3, H, W) float, normalised
+            "text": tokenizer([r[1] for r in rows]),  # (B, context_length)
+            "key": [r[2] for r in rows],
+        }
+
+    device = next(loaded.model.parameters()).device
+    t0 = time.perf_counter()
+    dataset = _PlainTarDataset(shards, transform)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=False
+    )
+    out: dict[str, dict[str, np.ndarray]] = {m: {} for m in modalities}
+    n = 0
+    for batch in loader:
+        with torch.inference_mode(), _autocast(device):
+            feats = {}
+            if "image" in modalities:
+                feats["image"] = loaded.model.encode_image(batch["image"].to(device))  # (B, D)
+            if "text" in modalities:
+                feats["text"] = loaded.model.encode_text(batch["text"].to(device))  # (B, D)
+        for m, f in feats.items():
+            arr = F.normalize(f.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
+            out[m].update(zip(batch["key"], arr, strict=True))
+        n += len(batch["key"])
+    return time.perf_counter() - t0, n, out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the data-loader workers, which the
+    loaders join when a pass ends)."""
+    import resource
+
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _warm_up(loaded: LoadedModel, batch_size: int, modalities: Sequence[str]) -> None:
+    """One untimed forward per tower at the benchmark's batch size (first-call allocations and
+    kernel selection would otherwise be charged to whichever pipeline runs first)."""
+    device = next(loaded.model.parameters()).device
+    size = loaded.image_size
+    with torch.inference_mode(), _autocast(device):
+        if "image" in modalities:
+            loaded.model.encode_image(torch.zeros(batch_size, 3, size, size, device=device))
+        if "text" in modalities:
+            loaded.model.encode_text(loaded.tokenizer(["warm up"] * batch_size).to(device))
+
+
+def bench_embed(
+    model: str | LoadedModel,
+    data: str,
+    work_dir: str | os.PathLike[str],
+    batch_size: int = 256,
+    workers: int = 2,
+    threads: int | None = None,
+    modalities: tuple[str, ...] = MODALITIES,
+    device: str = "auto",
+    repeats: int = 2,
+) -> EmbedBenchResult:
+    """Samples/s of :func:`embed` and of a plain open_clip loop on the same shards, model,
+    batch size, workers and threads: best of ``repeats`` each, the order alternating, after an
+    untimed read of the shard files and an untimed forward pass. Wall-clock and CPU-time
+    throughput are both reported. Local uncompressed shards only (the plain loop seeks in
+    them)."""
+    urls = [u for src in parse_shard_spec(data) for u in src.urls]
+    if any(is_remote(u) for u in urls):
+        raise EmbedError("bench-embed reads local shards only (the plain loop seeks in them)")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device_name = resolve_device(device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device_name)
+    for url in urls:  # warm the page cache so neither pipeline pays the first disk read
+        with open(url, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    _warm_up(loaded, batch_size, modalities)
+    work = Path(work_dir)
+    single = DistInfo(0, 1, 0, next(loaded.model.parameters()).device, None)
+    best = {"cf": (0.0, 0.0), "plain": (0.0, 0.0)}  # (samples/s, samples/cpu-s)
+    n_cf = n_plain = 0
+    plain_out: dict[str, dict[str, np.ndarray]] = {}
+    for r in range(repeats):
+        # Alternate which pipeline goes first, so neither always meets a colder machine.
+        for which in ("cf", "plain") if r % 2 == 0 else ("plain", "cf"):
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            if which == "cf":
+                cfg = EmbedConfig(
+                    model=str(loaded.source), data=data, out=str(work / "bench-embed"),
+                    dtype="float32", batch_size=batch_size, workers=workers,
+                    modalities=modalities, device=device_name, progress="none", overwrite=True,
+                )  # fmt: skip
+                n_cf = n = embed(cfg, loaded=loaded, dist_info=single).samples
+            else:
+                _, n_plain, plain_out = _plain_loop(loaded, urls, batch_size, workers, modalities)
+                n = n_plain
+            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            best[which] = (max(best[which][0], n / wall), max(best[which][1], n / cpu))
+    diff = 0.0
+    for _, arrays, meta in iter_parts(work / "bench-embed"):
+        keys = meta.column("key").to_pylist()
+        for m in modalities:
+            ref = np.stack([plain_out[m][k] for k in keys]) if keys else arrays[m]
+            diff = max(diff, float(np.abs(np.asarray(arrays[m], np.float32) - ref).max(initial=0)))
+    if n_cf != n_plain:
+        raise EmbedError(f"the pipelines embedded different sample counts: {n_cf} vs {n_plain}")
+    return EmbedBenchResult(
+        samples=n_cf,
+        clipforge_samples_per_s=best["cf"][0],
+        plain_samples_per_s=best["plain"][0],
+        clipforge_samples_per_cpu_s=best["cf"][1],
+        plain_samples_per_cpu_s=best["plain"][1],
+        max_abs_diff=diff,
+        batch_size=batch_size,
+        workers=workers,
+        threads=torch.get_num_threads(),
+        device=device_name,
+    )

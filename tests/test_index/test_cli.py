@@ -1,0 +1,113 @@
+"""``clipforge-index`` command line: search output, error handling, bench-embed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clipforge.index.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        rc = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_search_text_prints_a_table_and_json(
+    demo_index: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = _run(["search", "--index", str(demo_index), "--text", "red heart", "-k", "3"],
+                      capsys)  # fmt: skip
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "text query 'red heart' -> image (3 hits)"
+    assert lines[1].split() == ["rank", "score", "key", "caption", "source"]
+    assert [ln.split()[0] for ln in lines[2:5]] == ["1", "2", "3"]
+
+    rc, out, _ = _run(["search", "--index", str(demo_index), "--text", "red heart", "-k", "3",
+                       "--json"], capsys)  # fmt: skip
+    assert rc == 0
+    result = json.loads(out)
+    assert result["query"] == "red heart" and result["target"] == "image"
+    assert len(result["hits"]) == 3
+    assert set(result["hits"][0]) >= {"key", "caption", "score", "source", "shard", "id"}
+
+
+def test_search_by_image_against_captions(
+    demo_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow.parquet as pq
+
+    from clipforge.index.embed import read_member_bytes
+
+    row = pq.read_table(demo_index / "metadata.parquet").slice(7, 1).to_pylist()[0]
+    img = tmp_path / row["member"]
+    img.write_bytes(read_member_bytes(row["shard"], row["offset"], row["size"]))
+    rc, out, _ = _run(["search", "--index", str(demo_index), "--image", str(img), "--target",
+                       "text", "--text", "smile", "-k", "2", "--json"], capsys)  # fmt: skip
+    assert rc == 0
+    results = json.loads(out)
+    assert [(r["type"], r["target"]) for r in results] == [("text", "text"), ("image", "text")]
+    assert all(len(r["hits"]) == 2 for r in results)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--index", "{missing}", "--text", "x"], "not a clipforge index directory"),
+        (["search", "--index", "{index}", "--text", "x", "-k", "0"], "k must be >= 1"),
+        (["search", "--index", "{index}", "--text", "x", "-k", "5000"], "exceeds"),
+        (["search", "--index", "{index}"], "give a query"),
+        (["search", "--index", "{index}", "--image", "{missing}"], "does not exist"),
+        (["embed", "--model", "{missing}", "--data", "{demo}", "--out", "{tmp}/e"],
+         "does not exist"),
+        (["embed", "--model", "{run}", "--data", "{missing}", "--out", "{tmp}/e"],
+         "no such shard"),
+        (["build", "--embeddings", "{missing}", "--out", "{tmp}/i"], "not an embeddings"),
+        (["build", "--embeddings", "{emb}", "--out", "{tmp}/i", "--kind", "bogus"],
+         "unknown index kind"),
+        (["embed", "--model", "{run}", "--data", "{demo}", "--out", "{tmp}/e", "--modalities",
+          "audio"], "expected image, text"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_error_line_with_exit_code_2(
+    argv: list[str],
+    message: str,
+    demo_index: Path,
+    demo_emb: Path,
+    trained_run: Path,
+    demo: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    subs = {"missing": str(tmp_path / "missing"), "index": str(demo_index), "tmp": str(tmp_path),
+            "run": str(trained_run), "demo": str(demo), "emb": str(demo_emb)}  # fmt: skip
+    rc, _, err = _run([a.format(**subs) for a in argv], capsys)
+    assert rc == 2
+    assert "Traceback" not in err
+    assert "clipforge-index: error:" in err and message in err, err
+
+
+def test_bench_embed_prints_both_figures_and_the_ratio(
+    demo: Path, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = tmp_path / "bench.json"
+    argv = ["bench-embed", "--model", str(trained_run), "--data",
+            str(demo / "emoji-{000000..000001}.tar"), "--batch-size", "64", "--workers", "1",
+            "--repeats", "1", "--json", str(figures)]  # fmt: skip
+    rc, out, _ = _run(argv, capsys)
+    assert rc == 0, out
+    print(out)
+    assert "clipforge embed" in out and "plain open_clip" in out and "ratio" in out
+    result = json.loads(figures.read_text())
+    assert result["samples"] == 480
+    for key in ("clipforge_samples_per_s", "plain_samples_per_s", "clipforge_samples_per_cpu_s",
+                "plain_samples_per_cpu_s", "ratio"):  # fmt: skip
+        assert result[key] > 0, key
+    assert result["max_abs_diff"] < 1e-3  # same pixels, same model: the same embeddings
