@@ -37,6 +37,15 @@ def _modalities(text: str) -> tuple[str, ...]:
     return mods
 
 
+def _tune_queries(value: str) -> tuple[str, str]:
+    modality, eq, path = value.partition("=")
+    if not eq or modality not in ("image", "text") or not path:
+        raise argparse.ArgumentTypeError(
+            f"--tune-queries wants image=PATH.npy or text=PATH.npy, got {value!r}"
+        )
+    return modality, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -78,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--modalities", type=_modalities, help="which indexes to build (default: all embedded)"
     )
     p.add_argument("--num-shards", type=int, help="build in shards merged on disk (IVF kinds)")
+    p.add_argument(
+        "--tune-queries",
+        action="append",
+        default=[],
+        type=_tune_queries,
+        metavar="MODALITY=QUERIES.npy",
+        help="held-out (Q, D) query vectors to tune that index's recall with, instead of the "
+        "other modality's embeddings (repeatable)",
+    )
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
                      help="require FAISS GPU")  # fmt: skip
@@ -196,6 +214,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         modalities=args.modalities,
         num_shards=args.num_shards,
+        held_out_queries=dict(args.tune_queries) or None,
         use_gpu=args.use_gpu,
         created_by=f"{PROG} build",
     )

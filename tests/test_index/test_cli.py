@@ -111,3 +111,31 @@ def test_bench_embed_prints_both_figures_and_the_ratio(
                 "plain_samples_per_cpu_s", "ratio"):  # fmt: skip
         assert result[key] > 0, key
     assert result["max_abs_diff"] < 1e-3  # same pixels, same model: the same embeddings
+
+
+def test_build_tunes_with_held_out_queries_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from tests.test_index.synthetic import clustered_vectors, write_synthetic_embeddings
+
+    emb = write_synthetic_embeddings(
+        tmp_path / "emb", part_counts=(600, 400), modalities=("image",)
+    )
+    # an image-only collection has no cross-modal queries: the build says what to pass
+    assert main(["build", "--embeddings", str(emb), "--out", str(tmp_path / "a")]) == 2
+    assert "pass held-out queries" in capsys.readouterr().err
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    queries = clustered_vectors(rng, 50, centres / np.linalg.norm(centres, axis=1)[:, None], 0.75)
+    np.save(tmp_path / "q.npy", queries)
+    argv = ["build", "--embeddings", str(emb), "--out", str(tmp_path / "b"),
+            "--tune-queries", f"image={tmp_path / 'q.npy'}"]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "b" / "index.json").read_text())["modalities"]["image"]
+    assert "q.npy" in info["recall_queries"] and info["num_recall_queries"] == 50
+    with pytest.raises(SystemExit) as exit_info:  # an argparse usage error
+        main([*argv[:5], "--tune-queries", "video=x.npy"])
+    assert exit_info.value.code == 2
+    assert "--tune-queries wants image=PATH.npy" in capsys.readouterr().err
