@@ -1,0 +1,85 @@
+"""``clipforge-demo``: every stage runs and prints its figures; a second run reuses everything; a
+fresh run trains from scratch (a few steps here; the default recipe is tests/conftest.py's)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clipforge.eval.demo import EXAMPLE_QUERIES, main
+
+
+def _hits(out: str) -> dict[str, list[str]]:
+    """Example query -> the captions printed under it."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.fullmatch(r'\s+"(.+)"', line)
+        if m:
+            current = found.setdefault(m.group(1), [])
+        elif current is not None and (m := re.fullmatch(r"\s+\d\. \d\.\d{3}  (.+)", line)):
+            current.append(m.group(1))
+        else:
+            current = None
+    return found
+
+
+def test_demo_on_a_trained_run_then_everything_reused(
+    trained_demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    # The session's trained model stands in for stage 2 (same recipe, same 400 steps): the demo
+    # must take it as complete and run the later stages on it.
+    shutil.copytree(trained_demo_run, out / "run")
+    assert main(["--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert f"run directory {out}" in first
+    for n in range(1, 7):
+        assert f"[{n}/6]" in first
+    assert "already trained" in first
+    assert "1911 samples in 8 shards" in first
+    assert re.search(r"8 part\(s\) embedded, 0 kept", first)
+    assert "text to image" in first and "image to text" in first and "R@10" in first
+    assert f"clipforge-index serve --index {out / 'index'}" in first and "--serve" in first
+    report = json.loads((out / "retrieval.json").read_text())
+    exact = report["metrics"]["exact"]["text_to_image"]
+    assert exact["queries"] == 1911 and exact["R@10"] > 0.6, exact  # measured ~0.96
+    via_index = report["metrics"]["index"]["text_to_image"]
+    assert via_index["R@10"] == pytest.approx(exact["R@10"], abs=0.01)  # a flat index is exact
+    hits = _hits(first)
+    assert list(hits) == list(EXAMPLE_QUERIES) and all(len(h) == 5 for h in hits.values())
+    assert (out / "index" / "index.json").is_file()
+
+    ckpt_times = {p: p.stat().st_mtime_ns for p in (out / "run" / "checkpoints").iterdir()}
+    assert main(["--out", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert "already trained" in second
+    assert re.search(r"0 part\(s\) embedded, 8 kept", second)
+    assert "reusing" in second.split("[4/6]")[1].split("[5/6]")[0]
+    assert "reused report" in second
+    assert _hits(second) == hits
+    assert {p: p.stat().st_mtime_ns for p in (out / "run" / "checkpoints").iterdir()} == ckpt_times
+
+
+def test_demo_from_scratch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fresh"
+    assert main(["--out", str(out), "--steps", "3", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "trained to step 3" in text
+    assert (out / "run" / "model" / "open_clip_config.json").is_file()
+    assert (out / "run" / "checkpoints" / "step-3.pt").is_file()
+    assert len(_hits(text)) == len(EXAMPLE_QUERIES)
+    assert "R@1" in text and (out / "retrieval.json").is_file()
+
+
+def test_demo_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path / "x"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("clipforge-demo: error: steps must be >= 1")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert main(["--out", str(blocked)]) == 2
+    assert capsys.readouterr().err.startswith("clipforge-demo: error: ")
