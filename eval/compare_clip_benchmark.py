@@ -171,12 +171,12 @@ def _run_peer(cfg: CompareConfig, work: Path, task: str, root: Path, extra: list
 
 
 def _row(name: str, ours: float, theirs: float, lo: float | None, hi: float | None) -> list[str]:
-    diff = 100 * (ours - theirs)
+    diff = round(100 * (ours - theirs), 3) + 0.0  # + 0.0: no "-0.000" for float32 vs 64 noise
     bounds = f"{100 * lo:.2f}..{100 * hi:.2f}" if lo is not None and hi is not None else ""
     within = lo is not None and hi is not None and hi - 1e-9 <= theirs <= lo + 1e-9
     ok = abs(diff) <= AGREE_POINTS + 1e-9
     verdict = "agree" if ok else ("ties" if within else "DIFFER")
-    return [name, f"{100 * ours:.2f}", f"{100 * theirs:.2f}", f"{diff:+.2f}", bounds, verdict]
+    return [name, f"{100 * ours:.2f}", f"{100 * theirs:.2f}", f"{diff:+.3f}", bounds, verdict]
 
 
 def run_comparison(

@@ -24,9 +24,9 @@ first) and *pessimistic* (negatives first) orders: another tool's figure that di
 clipforge's by tie-breaking alone lies within those bounds.
 
 The blocked functions never hold the full ``Nq x Nc`` similarity matrix: queries and candidates
-are processed in blocks, each block's scores computed by one matrix product of the same shape in
-every pass, so a positive's score and the negatives it is compared with come from bit-identical
-computations.
+are processed in blocks, and every score comes from :func:`similarity` (float64 accumulation
+rounded to float32), so a score does not depend on the block it was computed in: blocked results
+equal dense ones and identical vectors tie exactly.
 """
 
 from __future__ import annotations
@@ -80,6 +80,23 @@ def parse_ks(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise ValueError(f"K values must be >= 1 (at least one), got {text!r}")
     return tuple(sorted(set(values)))
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def similarity(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(q, c) inner products, accumulated in float64 and rounded to the inputs' dtype.
+
+    Why: a float32 matrix product rounds the same dot product differently depending on where
+    it sits (SIMD lane or remainder loop, GEMV for one query row vs GEMM, CPU vs GPU), so two
+    identical candidate vectors -- an exact tie -- can come out one ulp apart in one block shape
+    and equal in another. In float64 the products are exact and the sums' rounding errors
+    (~1e-16) vanish when rounded to float32, so identical vectors tie for every block shape and
+    device, and blocked results equal dense ones.
+    """
+    out_dtype = queries.dtype if queries.dtype.is_floating_point else torch.float32
+    return (queries.double() @ candidates.double().T).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- dense reference
@@ -158,7 +175,7 @@ def blocked_ranks(
     device: str | torch.device | None = None,
 ) -> Ranks:
     """Exact ranks without the full similarity matrix: equal to
-    ``ranks_from_scores(queries @ candidates.T, ...)``.
+    ``ranks_from_scores(similarity(queries, candidates), ...)``.
 
     ``queries`` (Nq, D) and ``candidates`` (Nc, D), L2-normalised (any dtype; computed in it);
     group ids as in :func:`ranks_from_scores`. Memory: one ``query_block x cand_block`` score
@@ -201,7 +218,7 @@ def blocked_ranks(
         cache: dict[int, torch.Tensor] = {}
         for b in pos_blocks:
             c0 = b * cand_block
-            s = q @ cands[c0 : c0 + cand_block].T  # (q, c) cosine similarities
+            s = similarity(q, cands[c0 : c0 + cand_block])  # (q, c) cosine similarities
             if len(pos_blocks) <= 2:  # positives local to few blocks (the usual data order)
                 cache[b] = s
             pos = qg.view(-1, 1) == cgroups[c0 : c0 + cand_block].view(1, -1)
@@ -217,7 +234,7 @@ def blocked_ranks(
         for c0 in range(0, nc, cand_block):
             s = cache.pop(c0 // cand_block, None)
             if s is None:
-                s = q @ cands[c0 : c0 + cand_block].T  # (q, c), same shapes as in pass 1
+                s = similarity(q, cands[c0 : c0 + cand_block])  # (q, c), as in pass 1
             pos = qg.view(-1, 1) == cgroups[c0 : c0 + cand_block].view(1, -1)
             g, e, bf = _count_block(s, pos, best, best_idx, c0)
             greater += g
@@ -259,7 +276,7 @@ def blocked_topk(
         run_s = torch.empty(q.shape[0], 0, dtype=q.dtype, device=dev)
         run_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=dev)
         for c0 in range(0, nc, cand_block):
-            s = q @ cands[c0 : c0 + cand_block].T  # (q, c)
+            s = similarity(q, cands[c0 : c0 + cand_block])  # (q, c)
             idx = torch.arange(c0, c0 + s.shape[1], device=dev).expand(q.shape[0], -1)
             # The running list holds lower indices than this block, and a stable descending sort
             # keeps equal scores in that order: ties resolve to the lower index.

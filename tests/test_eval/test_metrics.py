@@ -17,6 +17,7 @@ from clipforge.eval.metrics import (
     ranks_from_topk,
     recall_at_k,
     retrieval_metrics,
+    similarity,
 )
 
 
@@ -101,7 +102,7 @@ def _random_unit(n: int, d: int, seed: int) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-@pytest.mark.parametrize("qb,cb", [(1, 1), (7, 13), (64, 50), (1000, 1000)])
+@pytest.mark.parametrize("qb,cb", [(1, 13), (1, 1000), (16, 5), (64, 50), (1000, 1000)])
 def test_blocked_equals_dense_with_duplicates(qb: int, cb: int) -> None:
     imgs = _random_unit(120, 16, 0)
     imgs[7] = imgs[3]  # pixel-identical images: exact ties for their captions
@@ -115,7 +116,7 @@ def test_blocked_equals_dense_with_duplicates(qb: int, cb: int) -> None:
         (caps, imgs, cap_groups, img_groups),
         (imgs, caps, img_groups, cap_groups),
     ):
-        dense = ranks_from_scores(q @ c.T, qg, cg)
+        dense = ranks_from_scores(similarity(q, c), qg, cg)  # the full matrix
         blocked = blocked_ranks(q, c, qg, cg, query_block=qb, cand_block=cb)
         assert torch.equal(dense.index, blocked.index)
         assert torch.equal(dense.optimistic, blocked.optimistic)
@@ -126,11 +127,22 @@ def test_blocked_equals_dense_with_duplicates(qb: int, cb: int) -> None:
     assert set(cap_groups[tied].tolist()) <= {3, 7, 90} and r.tied_queries > 0
 
 
+def test_identical_vectors_tie_for_every_block_shape() -> None:
+    # One query row (GEMV) vs many (GEMM), duplicates in SIMD lanes and remainders: still ties.
+    c = _random_unit(37, 24, 5)
+    c[36] = c[0]
+    c[17] = c[0]
+    q = _random_unit(9, 24, 6)
+    for rows in (q[:1], q[:2], q):
+        s = similarity(rows, c)
+        assert torch.equal(s[:, 0], s[:, 36]) and torch.equal(s[:, 0], s[:, 17])
+
+
 def test_blocked_topk_matches_stable_sort_and_ranks() -> None:
     q = _random_unit(50, 8, 2)
     c = _random_unit(200, 8, 3)
     c[150] = c[20]  # a tie: index 20 must come first
-    ref = torch.sort(q @ c.T, dim=1, descending=True, stable=True)
+    ref = torch.sort(similarity(q, c), dim=1, descending=True, stable=True)
     for cb in (1, 17, 500):
         s, i = blocked_topk(q, c, k=12, query_block=9, cand_block=cb)
         assert torch.equal(i, ref.indices[:, :12])
@@ -138,7 +150,7 @@ def test_blocked_topk_matches_stable_sort_and_ranks() -> None:
     # R@K from a top-k list equals R@K from exact ranks (K <= k).
     groups = torch.arange(50) * 3  # query j's positive: candidate 3j
     cg = torch.arange(200)
-    ranks = ranks_from_scores(q @ c.T, groups, cg).index
+    ranks = ranks_from_scores(similarity(q, c), groups, cg).index
     found = ranks_from_topk(blocked_topk(q, c, k=12)[1], groups, cg)
     assert torch.equal(torch.where(ranks <= 12, ranks, torch.full_like(ranks, 13)), found)
 
