@@ -9,7 +9,6 @@ data-loader workers.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -441,11 +440,4 @@ def embed_eval_set(
         captions=captions,
         samples=len(rows.keys),
         skipped=dict(rows.skipped),
-    )
-
-
-def env_world() -> bool:
-    """Launched with several processes (torchrun / SLURM)?"""
-    return (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     )

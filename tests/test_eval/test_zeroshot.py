@@ -109,3 +109,25 @@ def test_unknown_labels_and_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(EvalDataError, match="duplicated"):
         load_classnames("a,b,a")
     assert len(load_templates()) == 80  # the shipped ImageNet templates
+
+
+def test_retrieval_on_an_image_folder_with_several_captions(tmp_path: Path) -> None:
+    from clipforge.eval.retrieval import RetrievalConfig
+    from clipforge.eval.tasks import run_retrieval
+
+    root = tmp_path / "pairs"
+    root.mkdir()
+    for name, color, caption in (
+        ("a", (255, 0, 0), "a photo of a red one\na photo of a red thing"),  # 2 captions
+        ("b", (0, 255, 0), "a photo of a green one"),
+        ("c", (0, 0, 255), "a blue drawing"),  # the other template: still blue
+    ):
+        Image.new("RGB", (8, 8), color).save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(caption)
+    info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    cfg = EvalDataConfig(batch_size=2, workers=0, split_lines=True)
+    result = run_retrieval(_loaded(), str(root), info, cfg, RetrievalConfig(ks=(1, 2)))
+    exact = result["metrics"]["exact"]
+    assert result["data"]["images"] == 3 and result["data"]["texts"] == 4
+    assert exact["text_to_image"]["R@1"] == 1.0 and exact["text_to_image"]["queries"] == 4
+    assert exact["image_to_text"]["R@1"] == 1.0 and exact["image_to_text"]["queries"] == 3
