@@ -55,13 +55,13 @@ from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
     is_remote,
     read_manifest,
+    sha256_file,
     split_member_name,
 )
 from clipforge.pretrain.distributed import DistInfo, barrier, init_distributed, shutdown
 from clipforge.pretrain.models import LoadedModel, load_model
 
 from .build import EMB_LAYOUT, EMBEDDINGS_FORMAT, EMBEDDINGS_MANIFEST
-from .store import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ FAISS.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+from clipforge.data_tools.shardformat import sha256_file
 
 INDEX_FORMAT = "clipforge-index/1"
 MANIFEST_NAME = "index.json"
 METADATA_NAME = "metadata.parquet"
 MODALITIES = ("image", "text")
-
-_HASH_CHUNK = 1 << 22  # 4 MiB reads: hashing a multi-GB index stays bounded in memory
 
 
 class IndexIntegrityError(ValueError):
@@ -53,15 +51,6 @@ class OpenIndex:
     """The whole ``index.json``."""
     metadata: pa.Table
     """``metadata.parquet``: row ``i`` describes index id ``i``."""
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in bounded chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(path: str | os.PathLike[str]) -> tuple[int, str]:

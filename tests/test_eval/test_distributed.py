@@ -4,7 +4,6 @@ computation is exact, and the data split + gather puts every sample back in cano
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +16,11 @@ from clipforge.eval.retrieval import RetrievalConfig, evaluate_retrieval
 from clipforge.pretrain.config import ModelConfig
 from clipforge.pretrain.distributed import DistInfo
 from clipforge.pretrain.models import build_model, export_open_clip, load_model
+from tests.ports import free_port
 
 from .dist_worker import random_case
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_process(demo: Path, tmp_path: Path) -> None:
@@ -37,7 +31,7 @@ def test_two_ranks_equal_one_process(demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist.pt"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(_free_port()), str(WORKER), str(out), str(model_dir), shards,
+        "--master-port", str(free_port()), str(WORKER), str(out), str(model_dir), shards,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -32,6 +31,7 @@ from clipforge.index.embed import (
     scan_image_members,
 )
 from clipforge.pretrain.models import LoadedModel
+from tests.ports import free_port
 
 from .conftest import EMBED_BATCH
 
@@ -195,12 +195,6 @@ def test_cuda_asked_without_a_gpu_is_an_error_not_a_cpu_run(demo: Path, tmp_path
     assert not (tmp_path / "e").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _embed_cmd(run: Path, data: str, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "clipforge.index", "embed", "--model", str(run), "--data",
             data, "--out", str(out), "--batch-size", str(EMBED_BATCH), "--progress", "lines",
@@ -212,7 +206,7 @@ def test_two_rank_gloo_embed_writes_each_sample_exactly_once(
 ) -> None:
     out = tmp_path / "emb"
     data = str(demo / "emoji-{000000..000004}.tar")  # 5 parts: rank 0 gets 3, rank 1 gets 2
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),

@@ -15,6 +15,7 @@ import torch
 from clipforge.pretrain.cli import main
 from clipforge.pretrain.distributed import detect_launch
 from clipforge.pretrain.models import read_state_dict
+from tests.ports import free_port
 
 
 def test_launch_is_read_from_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +36,7 @@ def test_launch_is_read_from_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch
 def _torchrun(demo: Path, run: Path, fsdp: bool, steps: int) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(_free_port()),
+        "--master-port", str(free_port()),
         "-m", "clipforge.pretrain", "--config", "tiny",
         "--set", f"data.train={demo}", "--set", f"train.run_dir={run}",
         "--set", f"train.steps={steps}", "--set", "train.log_every=1",
@@ -48,14 +49,6 @@ def _torchrun(demo: Path, run: Path, fsdp: bool, steps: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run: Path) -> dict[int, float]:

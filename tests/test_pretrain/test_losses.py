@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from clipforge.pretrain.losses import contrastive_loss, make_loss, siglip_loss
 from clipforge.pretrain.step import forward_backward
+from tests.ports import free_port
 from tests.test_pretrain.oracle_data import batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +69,6 @@ def test_make_loss_errors() -> None:
         make_loss("siglip")(out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process(kind: str, accum: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = tiny_model(kind)
     images, texts = batch()
@@ -90,7 +84,7 @@ def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 @pytest.mark.parametrize(("kind", "accum"), [("infonce", 1), ("siglip", 1), ("infonce", 2)])
 def test_two_rank_gloo_equals_one_process(kind: str, accum: int, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
