@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from clipforge.pretrain.config import ConfigError, ModelConfig
+from clipforge.pretrain.cpu_memory import keep_freed_memory
+from clipforge.pretrain.pooled_forward import enable_pooled_forward
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ def build_model(
         kwargs["init_logit_bias"] = init_logit_bias if init_logit_bias is not None else -10.0
     with _quiet_open_clip():
         model = open_clip.create_model(model_name, pretrained=None, output_dict=True, **kwargs)
+    if cfg.pooled_forward:
+        log.info("pooled-only forward for: %s", ", ".join(enable_pooled_forward(model)) or "none")
     if init_logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(init_logit_scale)
@@ -249,11 +253,14 @@ def load_model(
 
     ``path`` is a clipforge run directory (its ``model/``, else its newest step checkpoint), a
     ``model/`` folder, a clipforge step checkpoint, or -- with ``model_name`` (an open_clip name
-    or config JSON) -- a plain open_clip weights file.
+    or config JSON) -- a plain open_clip weights file. On CPU, malloc is set to keep freed memory
+    for reuse (:mod:`clipforge.pretrain.cpu_memory`; ``CLIPFORGE_MALLOC_TUNING=0`` to not).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model {p} does not exist")
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # see clipforge.pretrain.cpu_memory
     config_file = next(
         (
             c
@@ -290,6 +297,7 @@ def load_model(
     with _quiet_open_clip():
         model = open_clip.create_model(name, pretrained=None, output_dict=True, **kwargs)
     model.load_state_dict(state, strict=True)
+    enable_pooled_forward(model)
     model.eval().to(device)
     vision = model_cfg["vision_cfg"]
     size = pre.get("size", vision.get("image_size", 224))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipforge.pretrain.config import ModelConfig
@@ -29,7 +30,7 @@ def parallelize(model: nn.Module, cfg: ModelConfig, info: DistInfo) -> nn.Module
 
         scalars = [p for p in model.parameters() if p.ndim == 0]
         for module in model.modules():
-            if type(module).__name__ == "ResidualAttentionBlock":
+            if isinstance(module, ResidualAttentionBlock):
                 fully_shard(module)
         fully_shard(model, ignored_params=set(scalars))
         for p in scalars:

@@ -37,6 +37,7 @@ from clipforge.pretrain.checkpoint import (
     set_rng_state,
 )
 from clipforge.pretrain.config import Config, ConfigError, save_config
+from clipforge.pretrain.cpu_memory import keep_freed_memory
 from clipforge.pretrain.distributed import (
     DistInfo,
     all_reduce_max,
@@ -55,6 +56,7 @@ from clipforge.pretrain.parallelize import (
     parallelize,
     unwrap,
 )
+from clipforge.pretrain.pooled_forward import batch_text_length
 from clipforge.pretrain.step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,8 @@ class Trainer:
             eval_callback = resolve_eval_callback(tc.eval_callback)
         self.eval_callback = eval_callback
 
+        if info.device.type == "cpu":
+            keep_freed_memory()  # activations reused, not page-faulted in every step
         torch.manual_seed(tc.seed)
         siglip = config.loss.kind == "siglip"
         model, self.model_cfg = build_model(
@@ -137,7 +141,7 @@ class Trainer:
             init_logit_bias=config.loss.init_logit_bias,
         )
         self.preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        self.flops_per_sample = _count_flops_per_sample(model, self.model_cfg)
+        self.flops = _count_flops_per_sample(model, self.model_cfg)
         self.model = parallelize(model, config.model, info)
         self.loss_fn = make_loss(config.loss.kind)
         self.optimizer = _make_optimizer(unwrap(self.model), config)
@@ -171,6 +175,7 @@ class Trainer:
             t_data = time.perf_counter() - t0
             images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
             texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
+            text_positions = batch_text_length(unwrap(self.model), texts)  # after trimming
             out = forward_backward(
                 self.model,
                 images,
@@ -214,7 +219,7 @@ class Trainer:
             self._clamp_logit_scale()
             self.step += 1
             self.samples_seen += global_batch
-            window.add(global_batch, t_data, time.perf_counter() - t0)
+            window.add(global_batch, t_data, time.perf_counter() - t0, text_positions)
             progress(self.step, loss_value)
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 self._log(window.flush(loss_value, out["logit_scale"], grad_norm), lr)
@@ -350,8 +355,10 @@ class Trainer:
             "skipped_samples": dict(self.loader.skipped),
             "nonfinite_steps": self.nonfinite_steps,
         }
-        if self.flops_per_sample:
-            achieved = self.flops_per_sample * metrics["samples_per_s"] / n_dev
+        if self.flops:
+            image_flops, text_flops_per_position = self.flops
+            per_sample = image_flops + text_flops_per_position * metrics["text_positions"]
+            achieved = per_sample * metrics["samples_per_s"] / n_dev
             record["tflops_per_device"] = round(achieved / 1e12, 3)
             peak = _peak_flops(self.info.device)
             if peak:
@@ -466,11 +473,15 @@ class _Window:
         self.samples = 0
         self.data_s = 0.0
         self.total_s = 0.0
+        self.text_positions = 0
+        self.steps = 0
 
-    def add(self, samples: int, data_s: float, total_s: float) -> None:
+    def add(self, samples: int, data_s: float, total_s: float, text_positions: int) -> None:
         self.samples += samples
         self.data_s += data_s
         self.total_s += total_s
+        self.text_positions += text_positions
+        self.steps += 1
 
     def flush(self, loss: float, logit_scale: float, grad_norm: float) -> dict[str, Any]:
         out = {
@@ -480,6 +491,7 @@ class _Window:
             "grad_norm": round(grad_norm, 4),
             "samples_per_s": round(self.samples / self.total_s, 2) if self.total_s else 0.0,
             "data_wait_frac": round(self.data_s / self.total_s, 4) if self.total_s else 0.0,
+            "text_positions": round(self.text_positions / self.steps, 2) if self.steps else 0.0,
         }
         self.__init__()  # type: ignore[misc]
         return out
@@ -500,7 +512,10 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": oc.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+    fused = oc.fused and not config.model.fsdp
+    return torch.optim.AdamW(
+        groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused or None
+    )
 
 
 def _lr_lambda(config: Config) -> Callable[[int], float]:
@@ -518,9 +533,12 @@ def _lr_lambda(config: Config) -> Callable[[int], float]:
     return factor
 
 
-def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> float:
-    """Forward FLOPs of one image-text pair, counted once on a 2-sample batch, x3 for the
-    backward pass (an estimate for MFU; frozen towers make the true figure lower)."""
+def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> tuple[float, float]:
+    """(image FLOPs per sample, text FLOPs per sample per text position) of forward + backward,
+    counted once on a 2-sample batch, backward taken as 2x forward (an estimate for MFU; frozen
+    towers make the true figure lower). The text tower is counted over the whole context and
+    scaled by the positions each step actually runs (text trimming), linearly: attention's
+    quadratic term is < L / (12 x width) of the tower."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model_cfg["vision_cfg"].get("image_size", 224)
@@ -528,10 +546,14 @@ def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> floa
     ctx = model_cfg["text_cfg"].get("context_length", 77)
     images = torch.zeros(2, 3, size, size)
     texts = torch.zeros(2, ctx, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(image=images, text=texts)
-    return 3 * counter.get_total_flops() / 2
+    texts[:, -1] = 1  # the pooled token last: the whole context runs
+    image_counter, text_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with torch.no_grad():
+        with image_counter:
+            model.encode_image(images)
+        with text_counter:
+            model.encode_text(texts)
+    return 3 * image_counter.get_total_flops() / 2, 3 * text_counter.get_total_flops() / 2 / ctx
 
 
 def _peak_flops(device: torch.device) -> float | None:
