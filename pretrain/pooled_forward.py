@@ -51,6 +51,7 @@ def pooled_positions(text: Tensor, pool_type: str, eos_id: int | None) -> Tensor
     raise ValueError(f"pool type {pool_type!r} has no single pooled position")
 
 
+@torch.compiler.disable  # a data-dependent length: under torch.compile, a deliberate graph break
 def needed_text_length(
     text: Tensor, pool_type: str, eos_id: int | None, context_length: int
 ) -> int:
