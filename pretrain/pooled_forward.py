@@ -7,9 +7,10 @@ open_clip computes a good deal that never reaches that position:
 1. **Text padding.** Every caption is padded to the context length (77 in the CLIP configs) and
    the text transformer runs over all of it. Captions are short (the demo's are 10 tokens on
    average, web alt-text about 15). With a causal mask, position p depends only on tokens 0..p,
-   so running the tower on the first ``max(pooled position) + 1`` columns of the batch (rounded up
-   to a multiple of 8: kernel-friendly shapes, few distinct shapes for ``torch.compile``) gives
-   the same features.
+   so running rows on their first ``max(pooled position) + 1`` columns gives the same features.
+   Rows are grouped by that need (up to 4 groups, so that one 77-token caption does not make a
+   whole web batch run the whole context), each group's length rounded up to a multiple of 8
+   (kernel-friendly shapes, few distinct shapes for ``torch.compile``).
 2. **The last block's other positions.** In a tower's last block only the pooled position's
    query, attention output and MLP reach the output; the other positions contribute only keys
    and values, which come from the block's input. Running the last block's query side for the
@@ -39,7 +40,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 TRIM_MULTIPLE = 8
-"""Trimmed text lengths are rounded up to a multiple of this (capped at the context length)."""
+"""Text lengths run are rounded up to a multiple of this (capped at the context length)."""
+MIN_GROUP_ROWS = 32
+"""A batch is split by caption length into groups of at least this many rows..."""
+MAX_GROUPS = 4
+"""...and at most this many: each group still makes large matrix products."""
 
 
 def pooled_positions(text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
@@ -51,14 +56,54 @@ def pooled_positions(text: Tensor, pool_type: str, eos_id: int | None) -> Tensor
     raise ValueError(f"pool type {pool_type!r} has no single pooled position")
 
 
-@torch.compiler.disable  # a data-dependent length: under torch.compile, a deliberate graph break
-def needed_text_length(
+def _rounded(needed: int, limit: int) -> int:
+    return min(-(-needed // TRIM_MULTIPLE) * TRIM_MULTIPLE, limit)
+
+
+@torch.compiler.disable  # data-dependent shapes: under torch.compile, a deliberate graph break
+def text_length_groups(pooled_at: Tensor, limit: int) -> list[tuple[Tensor | None, int]]:
+    """Rows of a text batch grouped by the columns they need: ``[(row indices, length)]``.
+
+    ``pooled_at`` (B,) are the pooled positions, ``limit`` the columns available. Rows are
+    sorted by need and cut into at most ``MAX_GROUPS`` groups of at least ``MIN_GROUP_ROWS``;
+    each group runs ``max(pooled position) + 1`` columns rounded up to ``TRIM_MULTIPLE``, and
+    neighbours that round to the same length are merged. One group covering the whole batch is
+    ``[(None, length)]``. Web captions are mostly short with a few 77-token ones in every large
+    batch: one long row no longer makes the whole batch run the whole context.
+    """
+    rows = pooled_at.shape[0]
+    if rows == 0:
+        return [(None, _rounded(1, limit))]
+    needed = pooled_at + 1  # (B,)
+    if rows < 2 * MIN_GROUP_ROWS:
+        return [(None, _rounded(int(needed.max()), limit))]
+    order = torch.argsort(needed, stable=True)  # (B,) rows by need
+    sorted_needed = needed[order].tolist()
+    size = max(MIN_GROUP_ROWS, -(-rows // MAX_GROUPS))
+    cuts: list[list[int]] = []  # [start, end, length] over the sorted rows
+    for start in range(0, rows, size):
+        end = min(start + size, rows)
+        length = _rounded(sorted_needed[end - 1], limit)
+        if cuts and cuts[-1][2] == length:
+            cuts[-1][1] = end
+        elif end - start < MIN_GROUP_ROWS:  # a short remainder joins the previous group
+            cuts[-1][1:] = [end, length]
+        else:
+            cuts.append([start, end, length])
+    if len(cuts) == 1:
+        return [(None, cuts[0][2])]
+    return [(order[a:b], length) for a, b, length in cuts]
+
+
+def text_positions_run(
     text: Tensor, pool_type: str, eos_id: int | None, context_length: int
-) -> int:
-    """Columns of ``text`` (B, L) a causal tower must see for exact pooled features."""
-    needed = int(pooled_positions(text, pool_type, eos_id).max()) + 1 if text.numel() else 1
-    rounded = -(-needed // TRIM_MULTIPLE) * TRIM_MULTIPLE
-    return min(rounded, text.shape[1], context_length)
+) -> float:
+    """Mean text positions per row that the pooled forward runs for the batch ``text`` (B, L)."""
+    limit = min(text.shape[1], context_length)
+    groups = text_length_groups(pooled_positions(text, pool_type, eos_id), limit)
+    if groups[0][0] is None:
+        return float(groups[0][1])
+    return sum(len(rows) * length for rows, length in groups) / text.shape[0]
 
 
 class PooledResidualAttentionBlock(ResidualAttentionBlock):
@@ -99,16 +144,30 @@ def _run_blocks(
     return last(x, attn_mask=attn_mask, pooled_at=pooled_at)[:, 0]
 
 
+def _encode_rows(tower: nn.Module, text: Tensor, pooled_at: Tensor) -> Tensor:
+    """(b, length) token ids, already cut to the columns they need -> (b, W) pooled."""
+    length = text.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast_dtype)  # (b, length, W)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    mask = tower.attn_mask[:length, :length]
+    return _run_blocks(tower.transformer, x, mask, pooled_at)
+
+
 def _encode_text(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
     """The causal text tower of ``tower`` (CLIP's own attributes, or a TextTransformer):
     (B, L) token ids -> (B, D) unnormalised features, computing only what they depend on."""
-    length = needed_text_length(text, pool_type, eos_id, tower.positional_embedding.shape[0])
-    text = text[:, :length]  # (B, length)
-    cast_dtype = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(text).to(cast_dtype)  # (B, length, W)
-    x = x + tower.positional_embedding[:length].to(cast_dtype)
-    mask = tower.attn_mask[:length, :length]
-    x = _run_blocks(tower.transformer, x, mask, pooled_positions(text, pool_type, eos_id))
+    pooled_at = pooled_positions(text, pool_type, eos_id)  # (B,)
+    limit = min(text.shape[1], tower.positional_embedding.shape[0])
+    groups = text_length_groups(pooled_at, limit)
+    if groups[0][0] is None:
+        x = _encode_rows(tower, text[:, : groups[0][1]], pooled_at)  # (B, W)
+    else:
+        parts = [
+            _encode_rows(tower, text[rows, :length], pooled_at[rows]) for rows, length in groups
+        ]
+        order = torch.cat([rows for rows, _ in groups])  # (B,) batch row of each output row
+        x = torch.cat(parts)[torch.argsort(order)]  # (B, W) back in batch order
     x = tower.ln_final(x)  # (B, W)
     projection = tower.text_projection
     if projection is None:
@@ -209,13 +268,13 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def batch_text_length(model: nn.Module, text: Tensor) -> int:
-    """The number of text positions the (unwrapped) model runs for this batch (B, L)."""
+def batch_text_positions(model: nn.Module, text: Tensor) -> float:
+    """Mean text positions per row the (unwrapped) model runs for this batch (B, L)."""
     if isinstance(model, PooledTextCLIP):
         eos = getattr(model, "text_eos_id", None)
-        return needed_text_length(text, model.text_pool_type, eos, text.shape[1])
+        return text_positions_run(text, model.text_pool_type, eos, text.shape[1])
     tower = getattr(model, "text", None)
     if isinstance(tower, PooledTextTransformer):
         eos = getattr(tower, "eos_id", None)
-        return needed_text_length(text, tower.pool_type, eos, text.shape[1])
-    return text.shape[1]
+        return text_positions_run(text, tower.pool_type, eos, text.shape[1])
+    return float(text.shape[1])

@@ -56,7 +56,7 @@ from clipforge.pretrain.parallelize import (
     parallelize,
     unwrap,
 )
-from clipforge.pretrain.pooled_forward import batch_text_length
+from clipforge.pretrain.pooled_forward import batch_text_positions
 from clipforge.pretrain.step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Trainer:
             t_data = time.perf_counter() - t0
             images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
             texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
-            text_positions = batch_text_length(unwrap(self.model), texts)  # after trimming
+            text_positions = batch_text_positions(unwrap(self.model), texts)  # per caption
             out = forward_backward(
                 self.model,
                 images,
@@ -473,10 +473,10 @@ class _Window:
         self.samples = 0
         self.data_s = 0.0
         self.total_s = 0.0
-        self.text_positions = 0
+        self.text_positions = 0.0
         self.steps = 0
 
-    def add(self, samples: int, data_s: float, total_s: float, text_positions: int) -> None:
+    def add(self, samples: int, data_s: float, total_s: float, text_positions: float) -> None:
         self.samples += samples
         self.data_s += data_s
         self.total_s += total_s

@@ -19,9 +19,11 @@ from clipforge.pretrain.pooled_forward import (
     PooledTextCLIP,
     PooledTextTransformer,
     PooledVisionTransformer,
-    batch_text_length,
+    batch_text_positions,
     enable_pooled_forward,
-    needed_text_length,
+    pooled_positions,
+    text_length_groups,
+    text_positions_run,
 )
 
 CAPTIONS = [
@@ -34,20 +36,34 @@ CAPTIONS = [
 VISION_CFG = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
 
 
-def test_needed_length_hand_computed() -> None:
+def test_length_groups_hand_computed() -> None:
     eot = 49407
     text = torch.zeros(3, 32, dtype=torch.long)
     text[0, :4] = torch.tensor([49406, 5, 6, eot])  # pooled at 3
     text[1, :10] = torch.tensor([49406, *range(1, 9), eot])  # pooled at 9
     text[2, :2] = torch.tensor([49406, eot])  # pooled at 1
-    assert needed_text_length(text, "argmax", None, 32) == 16  # 10 rounded up to 8k
-    assert needed_text_length(text[[0, 2]], "argmax", None, 32) == 8
-    assert needed_text_length(text, "argmax", None, 12) == 12  # capped at the context
+    # fewer than 2 x MIN_GROUP_ROWS rows: one group, max need 10 rounded up to 16
+    assert text_length_groups(pooled_positions(text, "argmax", None), 32) == [(None, 16)]
+    assert text_positions_run(text[[0, 2]], "argmax", None, 32) == 8
+    assert text_positions_run(text, "argmax", None, 12) == 12  # capped at the context
     eos = torch.tensor([[1, 2, 7, 2, 0, 0], [1, 3, 3, 3, 3, 7]])
-    assert needed_text_length(eos, "eos", 7, 6) == 6  # first EOS at 2 and 5
-    assert needed_text_length(eos[:1], "eos", 7, 64) == 6  # rounded to 8, capped at L = 6
+    assert text_positions_run(eos, "eos", 7, 6) == 6  # first EOS at 2 and 5
+    assert text_positions_run(eos[:1], "eos", 7, 64) == 6  # rounded to 8, capped at L = 6
     with pytest.raises(ValueError, match="'last' has no single pooled position"):
-        needed_text_length(text, "last", None, 32)
+        pooled_positions(text, "last", None)
+    # 128 rows: 100 need 5 columns, 20 need 12, 8 need 70 (shuffled). Cut into 4 x 32 sorted
+    # rows: the first three round to 8 and merge; the last holds the 8 long ones -> 72.
+    needed = torch.tensor([5] * 100 + [12] * 20 + [70] * 8)
+    pooled_at = (needed - 1)[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
+    groups = text_length_groups(pooled_at, 77)
+    assert [(len(rows), length) for rows, length in groups] == [(96, 8), (32, 72)]
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(128))
+    for rows, length in groups:
+        assert int(pooled_at[rows].max()) < length
+    # 96 x 8 + 32 x 72 positions instead of 128 x 72
+    batch = torch.zeros(128, 77, dtype=torch.long)
+    batch[torch.arange(128), pooled_at] = eot
+    assert text_positions_run(batch, "argmax", None, 77) == (96 * 8 + 32 * 72) / 128
 
 
 def _tokens(name: str) -> torch.Tensor:
@@ -94,8 +110,14 @@ def test_clip_towers_are_exact_and_cheaper(grad_checkpointing: bool) -> None:
     assert type(model.transformer.resblocks[-1]) is PooledResidualAttentionBlock
     model.train()
     text = _tokens("clipforge-tiny")
-    assert batch_text_length(model, text) == 24  # longest caption: 21 tokens -> 24 of 32
+    assert batch_text_positions(model, text) == 24  # longest caption: 21 tokens -> 24 of 32
     _assert_exact(model, model.encode_text, lambda t: open_clip.CLIP.encode_text(model, t), text)
+    # a batch long enough to be split into length groups, one caption cut at the context
+    varied = open_clip.get_tokenizer("clipforge-tiny")(
+        [" ".join(["happy"] * (i % 40)) + " face" for i in range(80)]
+    )  # (80, 32)
+    assert batch_text_positions(model, varied) < 30
+    _assert_exact(model, model.encode_text, lambda t: open_clip.CLIP.encode_text(model, t), varied)
     images = _images()
     _assert_exact(
         model, model.encode_image, lambda x: VisionTransformer.forward(model.visual, x), images
@@ -154,7 +176,7 @@ def test_towers_it_would_not_be_exact_for_are_left_alone(tmp_path: Path) -> None
         assert type(getattr(model, "text", None)) is not PooledTextTransformer
         assert not any(isinstance(m, PooledResidualAttentionBlock) for m in model.modules())
         assert enable_pooled_forward(model) == []
-        assert batch_text_length(model, _tokens("clipforge-tiny")) == 32
+        assert batch_text_positions(model, _tokens("clipforge-tiny")) == 32
 
 
 def test_can_be_turned_off_and_leaves_weights_alone(tmp_path: Path) -> None:
