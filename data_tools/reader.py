@@ -308,6 +308,7 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         position: StreamPosition = StreamPosition(),
+        caption_transform: Callable[[str], str] | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -322,6 +323,7 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.position = position
+        self.caption_transform = caption_transform
 
     @property
     def num_shards(self) -> int:
@@ -422,6 +424,8 @@ class ShardStream(IterableDataset):
         # (The CPU generator only: torch.manual_seed also queues a CUDA seeding, ~1 ms a call.)
         torch.default_generator.manual_seed(_stable_seed(*seed, n_raw))
         image = self.image_transform(img)
+        if self.caption_transform is not None:  # same per-sample seed: exact on resume too
+            caption = self.caption_transform(caption)
         meta = None
         if "json" in sample.members:
             try:
@@ -535,6 +539,7 @@ def make_loader(
     world_size: int = 1,
     position: StreamPosition = StreamPosition(),
     pin_memory: bool = False,
+    caption_transform: Callable[[str], str] | None = None,
 ) -> ShardLoader:
     """Build the standard loader for a SHARDS specification (see :func:`parse_shard_spec`)."""
     stream = ShardStream(
@@ -546,6 +551,7 @@ def make_loader(
         rank,
         world_size,
         position,
+        caption_transform,
     )
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 

@@ -88,6 +88,32 @@ class ClipSampleTransform:
 
 
 @dataclass(frozen=True)
+class CaptionPartsSubset:
+    """Caption augmentation for tag-list captions (``"cat face, animal, pet"``): with probability
+    ``prob``, keep a random non-empty subset of the comma-separated parts, in order.
+
+    A model trained on whole tag lists only has never seen a short query such as "cat face";
+    sampling k of the n parts (k uniform in 1..n, then which k uniformly) shows it the name
+    alone, single tags and every mixture. Captions with one part are returned unchanged.
+    """
+
+    prob: float
+    """Probability that a caption with several parts is replaced by a subset."""
+
+    def __call__(self, caption: str) -> str:
+        parts = [p.strip() for p in caption.split(",") if p.strip()]
+        if len(parts) < 2:
+            return caption
+        # The reader seeds torch's generator per sample position (see ClipSampleTransform); a
+        # string seed gives this transform its own stream, independent of the crop's.
+        rng = random.Random(f"caption:{torch.initial_seed()}")
+        if rng.random() >= self.prob:
+            return caption
+        keep = sorted(rng.sample(range(len(parts)), rng.randint(1, len(parts))))
+        return ", ".join(parts[i] for i in keep)
+
+
+@dataclass(frozen=True)
 class NormalizeBatch:
     """Per-batch half: ``(B, 3, H, W)`` uint8 -> float32 scaled to [0, 1] and normalised."""
 

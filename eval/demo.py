@@ -47,13 +47,18 @@ class DemoConfig:
     out: str = "runs/demo"
     """Run directory holding every stage's output: data/, run/, embeddings/, index/,
     retrieval.json."""
-    steps: int = 400
-    """Training steps. 400 steps of 128 (the recipe of tests/conftest.py TRAINED_DEMO_ARGS)
-    reach text->image R@10 ~0.96 in about a minute on 2 CPU cores."""
+    steps: int = 800
+    """Training steps. 800 steps of 128 with caption subsets reach text->image R@10 0.98 on the
+    captions and 0.80 on the emoji names alone, in about a minute on 2 CPU cores (400 steps
+    without subsets, the recipe of tests/conftest.py TRAINED_DEMO_ARGS: 0.96 and 0.61)."""
     batch_size: int = 128
     """Training batch size (contrastive: every other sample in the batch is a negative)."""
     lr: float = 2e-3
     """Peak learning rate of the cosine schedule."""
+    caption_subsets: float = 0.5
+    """Share of training captions ("name, tag, tag") replaced by a random subset of their parts,
+    so that short free-form queries ("cat face") are in distribution (name-only R@10 0.71 ->
+    0.80 at 800 steps)."""
     checkpoint_every: int = 100
     """Steps between checkpoints: an interrupted run loses at most this many steps."""
     workers: int = 2
@@ -161,6 +166,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             f"train.run_dir={run}",
             f"train.log_every={max(1, min(20, config.steps // 10))}",
             f"train.checkpoint_every={config.checkpoint_every}",
+            f"data.caption_subsets={config.caption_subsets}",
             "train.device=cpu",
             # a bar on a terminal, a line per log_every steps otherwise
             "train.progress=auto",

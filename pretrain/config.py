@@ -86,8 +86,13 @@ class DataConfig:
     exact passes over the shards."""
     augment: bool = True
     """Random-resized-crop as open_clip's training transform (False: resize + centre crop)."""
+    caption_subsets: float = 0.0
+    """Probability of replacing a tag-list caption ("name, tag, tag") by a random subset of its
+    comma-separated parts, so that short queries are in distribution (0: captions as written)."""
 
     def __post_init__(self) -> None:
+        subsets = self.caption_subsets
+        _check(0 <= subsets <= 1, "data.caption_subsets", "in [0, 1]", subsets)
         _check(self.batch_size > 0, "data.batch_size", "> 0", self.batch_size)
         _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)

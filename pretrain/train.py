@@ -28,7 +28,7 @@ from clipforge.data_tools.reader import (
     make_loader,
     parse_shard_spec,
 )
-from clipforge.data_tools.transforms import clip_image_transforms
+from clipforge.data_tools.transforms import CaptionPartsSubset, clip_image_transforms
 from clipforge.pretrain.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -284,6 +284,9 @@ class Trainer:
             world_size=self.info.world_size,
             position=position,
             pin_memory=self.info.device.type == "cuda",
+            caption_transform=(
+                CaptionPartsSubset(cfg.data.caption_subsets) if cfg.data.caption_subsets else None
+            ),
         )
 
     def _batches(self) -> Iterator[dict[str, Any]]:

@@ -25,6 +25,7 @@ from clipforge.data_tools.reader import (
     parse_shard_spec,
 )
 from clipforge.data_tools.transforms import (
+    CaptionPartsSubset,
     clip_image_transforms,
     pil_to_uint8_tensor,
     random_resized_crop_params,
@@ -287,3 +288,56 @@ def test_shard_spec_forms(demo_dir: Path, tmp_path: Path) -> None:
         parse_shard_spec(str(tmp_path))
     with pytest.raises(ShardSpecError, match="empty"):
         parse_shard_spec("")
+
+
+def test_caption_subsets_are_in_order_seeded_and_resume_exactly(demo_dir: Path) -> None:
+    subsets = CaptionPartsSubset(1.0)
+    caption = "cat face, animal, cat, face, pet"
+    parts = caption.split(", ")
+    seen = set()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        out = subsets(caption).split(", ")
+        assert out and all(p in parts for p in out)
+        assert out == sorted(out, key=parts.index)  # order kept
+        torch.manual_seed(seed)
+        assert subsets(caption).split(", ") == out  # the sample's seed decides
+        seen.add(len(out))
+    assert seen == {1, 2, 3, 4, 5}
+    assert subsets("rocket") == "rocket"  # one part: unchanged
+    assert CaptionPartsSubset(0.0)(caption) == caption
+
+    # through the reader: captions are augmented, and a resumed stream repeats them exactly
+    transform, normalize = clip_image_transforms(16, train=True)
+    config = ReaderConfig(batch_size=32, resampled=True, shuffle_buffer=64, seed=5)
+
+    def run(
+        position: StreamPosition, n: int, prob: float = 0.5
+    ) -> tuple[list[list[str]], StreamPosition]:
+        loader = make_loader(
+            demo_dir,
+            transform,
+            normalize,
+            config=config,
+            num_workers=2,
+            position=position,
+            caption_transform=CaptionPartsSubset(prob),
+        )
+        out = []
+        for batch in loader:
+            out.append(batch["caption"])
+            if len(out) == n:
+                break
+        return out, loader.position
+
+    full, _ = run(StreamPosition(), 5)
+    first, position = run(StreamPosition(), 2)
+    rest, _ = run(position, 3)
+    assert first + rest == full
+    written, _ = run(StreamPosition(), 5, prob=0.0)  # the same samples, captions as written
+    pairs = [(a, w) for batch_a, batch_w in zip(full, written, strict=True)
+             for a, w in zip(batch_a, batch_w, strict=True)]  # fmt: skip
+    for augmented, original in pairs:
+        assert set(augmented.split(", ")) <= set(original.split(", "))
+    changed = sum(a != w for a, w in pairs)
+    assert 0.2 * len(pairs) < changed < 0.6 * len(pairs)  # ~half of the multi-part captions
