@@ -175,7 +175,8 @@ class Trainer:
             t_data = time.perf_counter() - t0
             images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
             texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
-            text_positions = batch_text_positions(unwrap(self.model), texts)  # per caption
+            # per caption, from the host copy: no device sync for a metric
+            text_positions = batch_text_positions(unwrap(self.model), batch["text"])
             out = forward_backward(
                 self.model,
                 images,
