@@ -41,7 +41,7 @@ from clipforge.data_tools.shardformat import (
     ManifestError,
     ShardReadError,
     is_remote,
-    iter_tar_members,
+    iter_tar_entries,
     read_manifest,
     split_member_name,
 )
@@ -181,6 +181,8 @@ class _RawSample:
     key: str
     url: str
     members: dict[str, bytes] = field(default_factory=dict)
+    offsets: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """Per extension: (member name, data offset in the shard file or -1, size in bytes)."""
 
 
 class _Skips:
@@ -204,7 +206,7 @@ def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
     """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal."""
     current: _RawSample | None = None
     try:
-        for name, data in iter_tar_members(url):
+        for name, data, offset in iter_tar_entries(url):
             key, ext = split_member_name(name)
             if not ext or key.rsplit("/", 1)[-1].startswith("__"):
                 continue  # e.g. webdataset's __index__ members
@@ -213,6 +215,7 @@ def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
                     yield current
                 current = _RawSample(key, url)
             current.members[ext.lower()] = data
+            current.offsets[ext.lower()] = (name, offset, len(data))
     except ShardReadError as e:
         # The last, possibly incomplete sample of a damaged shard is dropped: it is not trusted.
         skips.add(e.kind, url, e.detail)

@@ -152,7 +152,17 @@ def open_shard(url: str) -> IO[bytes]:
 
 
 def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) of every regular-file member of a shard, streaming.
+    """Yield (name, data) of every regular-file member of a shard, streaming (see
+    :func:`iter_tar_entries`)."""
+    for name, data, _ in iter_tar_entries(url):
+        yield name, data
+
+
+def iter_tar_entries(url: str) -> Iterator[tuple[str, bytes, int]]:
+    """Yield (name, data, data offset) of every regular-file member of a shard, streaming.
+
+    The offset is where the member's bytes start in the file, for random access later; it is
+    -1 for remote and compressed shards, where a byte offset into the file means nothing.
 
     Raises :class:`ShardReadError` for a file that is not a tar, a member cut short, and -- for
     local uncompressed tars -- a file that ends without the end-of-archive blocks, so a shard
@@ -163,6 +173,7 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     reading = ""  # the member whose data is being read
     last = ""  # the last member read completely
     try:
+        seekable = not is_remote(url) and _is_plain_tar(url)
         with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 headers += 1
@@ -173,13 +184,9 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
                 if len(data) != info.size:
                     raise EOFError(f"member {info.name} cut short at {len(data)} of {info.size} B")
                 reading, last = "", info.name
-                yield info.name, data
+                yield info.name, data, info.offset_data if seekable else -1
             end_offset = tar.offset  # where the end-of-archive blocks should start
-            if (
-                not is_remote(url)
-                and _is_plain_tar(url)
-                and os.path.getsize(url) < end_offset + 512
-            ):
+            if seekable and os.path.getsize(url) < end_offset + 512:
                 raise EOFError(f"data ends at byte {end_offset} without the end-of-archive blocks")
     except (tarfile.ReadError, EOFError, OSError) as e:
         if isinstance(e, ShardReadError):

@@ -280,13 +280,30 @@ class _PartStream(ShardStream):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         for part, shards in self.parts[worker::num_workers]:
             skips = _Skips(self.config.on_error)
-            raw = (s for url in shards for s in iter_tar_samples(url, skips))
+            members: dict[str, list[tuple[str, str, int, int]] | None] = {}
+            raw = (s for url in shards for s in _recording_members(url, skips, members))
             seed = (self.config.seed, 0, part, 0)  # eval transforms draw nothing; kept stable
             for batch in self._batches(raw, skips, worker, 0, seed):
                 batch["part"] = part
                 yield batch
-            members = {url: scan_image_members(url) for url in shards}
             yield {"part_end": part, "members": members, "skipped": skips.take()}
+
+
+def _recording_members(
+    url: str, skips: _Skips, members: dict[str, list[tuple[str, str, int, int]] | None]
+) -> Iterator[Any]:
+    """The reader's raw samples of one shard, recording each one's image member as
+    :func:`scan_image_members` reports it (None for remote or compressed shards) on the way:
+    one pass over the tar instead of two."""
+    scan: list[tuple[str, str, int, int]] = []
+    members[url] = scan
+    for sample in iter_tar_samples(url, skips):
+        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in sample.offsets), None)
+        name, offset, size = sample.offsets[ext] if ext is not None else ("", -1, -1)
+        if offset < 0 and ext is not None:
+            members[url] = None  # not a local plain tar: no random access
+        scan.append((sample.key, name, offset, size))
+        yield sample
 
 
 # ----------------------------------------------------------------------------- one part

@@ -132,6 +132,27 @@ def test_scan_of_compressed_or_remote_shards_gives_no_offsets(tmp_path: Path, de
         read_member_bytes(str(gz), -1, -1)
 
 
+def test_recorded_members_match_a_header_scan_and_compressed_shards_get_none(
+    demo: Path, trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    import gzip
+
+    plain = str(demo / "emoji-000000.tar")
+    gz = tmp_path / "emoji-000000.tar.gz"
+    gz.write_bytes(gzip.compress((demo / "emoji-000000.tar").read_bytes()))
+    for shard, expected in ((plain, scan_image_members(plain)), (str(gz), None)):
+        out = tmp_path / f"emb-{Path(shard).name}"
+        cfg = EmbedConfig(model="m", data=shard, out=str(out), workers=0, progress="none",
+                          modalities=("image",), dtype="float32")  # fmt: skip
+        embed(cfg, loaded=trained_model)
+        meta = pq.read_table(out / "metadata" / "metadata_0.parquet").to_pylist()
+        got = [(r["key"], r["member"], r["offset"], r["size"]) for r in meta]
+        if expected is None:  # no random access into a compressed shard
+            assert len(got) == 240 and all(r[1:] == ("", -1, -1) for r in got)
+        else:  # the one-pass record equals the separate header scan, row for row
+            assert got == expected
+
+
 def _bad_shard(demo: Path, out: Path) -> Path:
     """The first 20 samples of a demo shard with sample 3's image garbled and sample 7's
     caption missing."""
