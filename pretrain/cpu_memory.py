@@ -8,7 +8,12 @@ page-faults and zero-fills -- hundreds of MB: a quarter of the image tower's ste
 ``clipforge-pretrain --benchmark``. Turning mmap off for malloc and never trimming the heap makes
 freed blocks come back for the next step's tensors, already mapped. The CUDA caching allocator
 does the same for GPU memory; this is its CPU counterpart, with the same price: peak memory stays
-reserved by the process.
+reserved by the process. Heap fragmentation is the risk: an allocation pattern of ever-growing
+blocks each pinned by a long-lived small one would grow the heap step after step. A training
+step's pattern repeats, so the heap settles: the demo's 800 steps with captions of varying length
+stay at 1,070-1,075 MB RSS throughout (1,041-1,073 MB untuned). Only the training process
+is switched (CPU devices); inference, the search service and data loading outside training keep
+glibc's defaults.
 
 Set ``CLIPFORGE_MALLOC_TUNING=0`` to leave malloc alone (e.g. with jemalloc/tcmalloc preloaded).
 """

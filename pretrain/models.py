@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from clipforge.pretrain.config import ConfigError, ModelConfig
-from clipforge.pretrain.cpu_memory import keep_freed_memory
 from clipforge.pretrain.pooled_forward import enable_pooled_forward
 
 log = logging.getLogger(__name__)
@@ -253,14 +252,11 @@ def load_model(
 
     ``path`` is a clipforge run directory (its ``model/``, else its newest step checkpoint), a
     ``model/`` folder, a clipforge step checkpoint, or -- with ``model_name`` (an open_clip name
-    or config JSON) -- a plain open_clip weights file. On CPU, malloc is set to keep freed memory
-    for reuse (:mod:`clipforge.pretrain.cpu_memory`; ``CLIPFORGE_MALLOC_TUNING=0`` to not).
+    or config JSON) -- a plain open_clip weights file.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model {p} does not exist")
-    if torch.device(device).type == "cpu":
-        keep_freed_memory()  # see clipforge.pretrain.cpu_memory
     config_file = next(
         (
             c

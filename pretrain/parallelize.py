@@ -15,6 +15,7 @@ from torch import nn
 
 from clipforge.pretrain.config import ModelConfig
 from clipforge.pretrain.distributed import DistInfo
+from clipforge.pretrain.pooled_forward import set_max_length_groups
 
 
 def parallelize(model: nn.Module, cfg: ModelConfig, info: DistInfo) -> nn.Module:
@@ -27,6 +28,8 @@ def parallelize(model: nn.Module, cfg: ModelConfig, info: DistInfo) -> nn.Module
     model = model.to(info.device)
     if info.distributed and cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
+
+        set_max_length_groups(model, 1)  # every rank calls each block once: matched collectives
 
         scalars = [p for p in model.parameters() if p.ndim == 0]
         for module in model.modules():

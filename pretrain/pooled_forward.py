@@ -61,11 +61,13 @@ def _rounded(needed: int, limit: int) -> int:
 
 
 @torch.compiler.disable  # data-dependent shapes: under torch.compile, a deliberate graph break
-def text_length_groups(pooled_at: Tensor, limit: int) -> list[tuple[Tensor | None, int]]:
+def text_length_groups(
+    pooled_at: Tensor, limit: int, max_groups: int = MAX_GROUPS
+) -> list[tuple[Tensor | None, int]]:
     """Rows of a text batch grouped by the columns they need: ``[(row indices, length)]``.
 
     ``pooled_at`` (B,) are the pooled positions, ``limit`` the columns available. Rows are
-    sorted by need and cut into at most ``MAX_GROUPS`` groups of at least ``MIN_GROUP_ROWS``;
+    sorted by need and cut into at most ``max_groups`` groups of at least ``MIN_GROUP_ROWS``;
     each group runs ``max(pooled position) + 1`` columns rounded up to ``TRIM_MULTIPLE``, and
     neighbours that round to the same length are merged. One group covering the whole batch is
     ``[(None, length)]``. Web captions are mostly short with a few 77-token ones in every large
@@ -75,11 +77,11 @@ def text_length_groups(pooled_at: Tensor, limit: int) -> list[tuple[Tensor | Non
     if rows == 0:
         return [(None, _rounded(1, limit))]
     needed = pooled_at + 1  # (B,)
-    if rows < 2 * MIN_GROUP_ROWS:
+    if rows < 2 * MIN_GROUP_ROWS or max_groups == 1:
         return [(None, _rounded(int(needed.max()), limit))]
     order = torch.argsort(needed, stable=True)  # (B,) rows by need
     sorted_needed = needed[order].tolist()
-    size = max(MIN_GROUP_ROWS, -(-rows // MAX_GROUPS))
+    size = max(MIN_GROUP_ROWS, -(-rows // max_groups))
     cuts: list[list[int]] = []  # [start, end, length] over the sorted rows
     for start in range(0, rows, size):
         end = min(start + size, rows)
@@ -96,11 +98,15 @@ def text_length_groups(pooled_at: Tensor, limit: int) -> list[tuple[Tensor | Non
 
 
 def text_positions_run(
-    text: Tensor, pool_type: str, eos_id: int | None, context_length: int
+    text: Tensor,
+    pool_type: str,
+    eos_id: int | None,
+    context_length: int,
+    max_groups: int = MAX_GROUPS,
 ) -> float:
     """Mean text positions per row that the pooled forward runs for the batch ``text`` (B, L)."""
     limit = min(text.shape[1], context_length)
-    groups = text_length_groups(pooled_positions(text, pool_type, eos_id), limit)
+    groups = text_length_groups(pooled_positions(text, pool_type, eos_id), limit, max_groups)
     if groups[0][0] is None:
         return float(groups[0][1])
     return sum(len(rows) * length for rows, length in groups) / text.shape[0]
@@ -157,9 +163,21 @@ def _encode_rows(tower: nn.Module, text: Tensor, pooled_at: Tensor) -> Tensor:
 def _encode_text(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
     """The causal text tower of ``tower`` (CLIP's own attributes, or a TextTransformer):
     (B, L) token ids -> (B, D) unnormalised features, computing only what they depend on."""
+    if text.shape[0] == 0:  # nothing to attend over; the right (0, D) shape, dtype and device
+        x = tower.ln_final(tower.token_embedding(text[:, 0]).to(tower.transformer.get_cast_dtype()))
+    else:
+        x = _encode_nonempty(tower, text, pool_type, eos_id)
+    projection = tower.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def _encode_nonempty(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
     pooled_at = pooled_positions(text, pool_type, eos_id)  # (B,)
     limit = min(text.shape[1], tower.positional_embedding.shape[0])
-    groups = text_length_groups(pooled_at, limit)
+    max_groups = getattr(tower, "max_length_groups", MAX_GROUPS)
+    groups = text_length_groups(pooled_at, limit, max_groups)
     if groups[0][0] is None:
         x = _encode_rows(tower, text[:, : groups[0][1]], pooled_at)  # (B, W)
     else:
@@ -168,11 +186,7 @@ def _encode_text(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | N
         ]
         order = torch.cat([rows for rows, _ in groups])  # (B,) batch row of each output row
         x = torch.cat(parts)[torch.argsort(order)]  # (B, W) back in batch order
-    x = tower.ln_final(x)  # (B, W)
-    projection = tower.text_projection
-    if projection is None:
-        return x
-    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return tower.ln_final(x)  # (B, W)
 
 
 class PooledTextCLIP(open_clip.CLIP):
@@ -220,11 +234,13 @@ def _switch_last_block(transformer: Transformer) -> None:
     transformer.resblocks[-1].__class__ = PooledResidualAttentionBlock
 
 
-def _causal_pooled(attn_mask: object, pool_type: str, transformer: object) -> bool:
+def _causal_pooled(tower: nn.Module, pool_type: str) -> bool:
     return (
-        isinstance(attn_mask, Tensor)
+        isinstance(tower.attn_mask, Tensor)
         and pool_type in ("argmax", "eos")
-        and _plain_blocks(transformer)
+        and _plain_blocks(tower.transformer)
+        # an appended class token (embed_cls) makes the table longer than the context
+        and tower.positional_embedding.shape[0] == tower.context_length
     )
 
 
@@ -248,7 +264,7 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
         visual.__class__ = PooledVisionTransformer
         switched.append("image")
     if type(model) is open_clip.CLIP:
-        if _causal_pooled(model.attn_mask, model.text_pool_type, model.transformer):
+        if _causal_pooled(model, model.text_pool_type):
             _switch_last_block(model.transformer)
             model.__class__ = PooledTextCLIP
             switched.append("text")
@@ -259,7 +275,7 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
         and text.cls_emb is None
         and not text.output_tokens
         and not text.use_pad_mask
-        and _causal_pooled(text.attn_mask, text.pool_type, text.transformer)
+        and _causal_pooled(text, text.pool_type)
     ):
         _switch_last_block(text.transformer)
         text.__class__ = PooledTextTransformer
@@ -267,14 +283,45 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
     return switched
 
 
+def _pooled_text_tower(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
+    """(tower, pool type, EOS id) of a switched text tower of the (unwrapped) model, else None."""
+    if isinstance(model, PooledTextCLIP):
+        return model, model.text_pool_type, getattr(model, "text_eos_id", None)
+    tower = getattr(model, "text", None)
+    if isinstance(tower, PooledTextTransformer):
+        return tower, tower.pool_type, getattr(tower, "eos_id", None)
+    return None
+
+
+def set_max_length_groups(model: nn.Module, groups: int) -> None:
+    """Cap the text length groups of the (unwrapped) model. FSDP needs 1: each block call
+    all-gathers its parameters, so every rank must call each block equally often, and the
+    number of groups depends on each rank's own captions."""
+    found = _pooled_text_tower(model)
+    if found is not None:
+        found[0].max_length_groups = groups
+
+
 @torch.no_grad()
 def batch_text_positions(model: nn.Module, text: Tensor) -> float:
     """Mean text positions per row the (unwrapped) model runs for this batch (B, L)."""
-    if isinstance(model, PooledTextCLIP):
-        eos = getattr(model, "text_eos_id", None)
-        return text_positions_run(text, model.text_pool_type, eos, text.shape[1])
-    tower = getattr(model, "text", None)
-    if isinstance(tower, PooledTextTransformer):
-        eos = getattr(tower, "eos_id", None)
-        return text_positions_run(text, tower.pool_type, eos, text.shape[1])
-    return float(text.shape[1])
+    found = _pooled_text_tower(model)
+    if found is None:
+        return float(text.shape[1])
+    tower, pool_type, eos_id = found
+    groups = getattr(tower, "max_length_groups", MAX_GROUPS)
+    return text_positions_run(text, pool_type, eos_id, text.shape[1], groups)
+
+
+def full_context_tokens(model: nn.Module, rows: int, context_length: int) -> Tensor:
+    """(rows, context_length) token ids whose pooled position is the last column for this
+    (unwrapped) model's pooling: the whole context runs (for counting full-context FLOPs)."""
+    found = _pooled_text_tower(model)
+    pool_type, eos_id = (found[1], found[2]) if found is not None else ("argmax", None)
+    if pool_type == "eos" and eos_id is not None:
+        tokens = torch.full((rows, context_length), 1 if eos_id == 0 else 0, dtype=torch.long)
+        tokens[:, -1] = eos_id
+    else:
+        tokens = torch.zeros(rows, context_length, dtype=torch.long)
+        tokens[:, -1] = 1  # the highest id: argmax pools here
+    return tokens

@@ -56,7 +56,7 @@ from clipforge.pretrain.parallelize import (
     parallelize,
     unwrap,
 )
-from clipforge.pretrain.pooled_forward import batch_text_positions
+from clipforge.pretrain.pooled_forward import batch_text_positions, full_context_tokens
 from clipforge.pretrain.step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -549,8 +549,7 @@ def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> tupl
     size = size[0] if isinstance(size, (list, tuple)) else size
     ctx = model_cfg["text_cfg"].get("context_length", 77)
     images = torch.zeros(2, 3, size, size)
-    texts = torch.zeros(2, ctx, dtype=torch.long)
-    texts[:, -1] = 1  # the pooled token last: the whole context runs
+    texts = full_context_tokens(model, 2, ctx)  # the pooled token last: the whole context runs
     image_counter, text_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with torch.no_grad():
         with image_counter:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from clipforge.pretrain.losses import contrastive_loss, make_loss, siglip_loss
 from clipforge.pretrain.step import forward_backward
 from tests.ports import free_port
-from tests.test_pretrain.oracle_data import batch, tiny_model
+from tests.test_pretrain.oracle_data import batch, tiny_model, varied_text_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,9 +69,11 @@ def test_make_loss_errors() -> None:
         make_loss("siglip")(out)
 
 
-def _single_process(kind: str, accum: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _single_process(
+    kind: str, accum: int = 1, varied: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = tiny_model(kind)
-    images, texts = batch()
+    images, texts = varied_text_batch() if varied else batch()
     out = forward_backward(model, images, texts, make_loss(kind), accum_steps=accum)
     return out["loss"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -82,8 +84,14 @@ def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize(("kind", "accum"), [("infonce", 1), ("siglip", 1), ("infonce", 2)])
-def test_two_rank_gloo_equals_one_process(kind: str, accum: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "accum", "wrap"),
+    [("infonce", 1, "ddp"), ("siglip", 1, "ddp"), ("infonce", 2, "ddp"), ("infonce", 1, "fsdp")],
+)
+def test_two_rank_gloo_equals_one_process(kind: str, accum: int, wrap: str, tmp_path: Path) -> None:
+    """DDP on the fixed batch; FSDP on a batch whose halves split into different numbers of
+    text length groups (rank 0: one, rank 1: two), which must not unbalance FSDP's per-block
+    collectives."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
@@ -98,6 +106,7 @@ def test_two_rank_gloo_equals_one_process(kind: str, accum: int, tmp_path: Path)
                 kind,
                 str(tmp_path),
                 str(accum),
+                wrap,
             ],
             cwd=ROOT,
             env=env,
@@ -110,8 +119,8 @@ def test_two_rank_gloo_equals_one_process(kind: str, accum: int, tmp_path: Path)
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    loss, grads = _single_process(kind)
-    # DDP averages gradients, so every rank holds the same, already averaged, gradient
+    loss, grads = _single_process(kind, varied=wrap == "fsdp")
+    # DDP and FSDP average gradients, so every rank holds the same, already averaged, gradient
     _assert_same_grads(ranks[0]["grads"], ranks[1]["grads"])
     _assert_same_grads(ranks[0]["grads"], grads)
     assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(

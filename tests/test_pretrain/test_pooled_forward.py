@@ -21,6 +21,7 @@ from clipforge.pretrain.pooled_forward import (
     PooledVisionTransformer,
     batch_text_positions,
     enable_pooled_forward,
+    full_context_tokens,
     pooled_positions,
     text_length_groups,
     text_positions_run,
@@ -200,3 +201,35 @@ def test_can_be_turned_off_and_leaves_weights_alone(tmp_path: Path) -> None:
         torch.testing.assert_close(
             loaded.model.encode_image(images), reference.encode_image(images), rtol=1e-5, atol=1e-6
         )
+
+
+def test_eos_pooling_is_exact_and_counted_over_the_whole_context(tmp_path: Path) -> None:
+    text_cfg = {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    cfg = {"embed_dim": 32, "vision_cfg": VISION_CFG}
+    cfg["text_cfg"] = {**text_cfg, "pool_type": "eos", "eos_id": 49407}
+    path = tmp_path / "eos-tiny.json"
+    path.write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(name=str(path)))
+    assert type(model) is PooledTextCLIP and model.text_pool_type == "eos"
+    text = _tokens("eos-tiny")
+    _assert_exact(model, model.encode_text, lambda t: open_clip.CLIP.encode_text(model, t), text)
+    # the FLOP count's dummy batch runs the whole context for eos pooling too
+    tokens = full_context_tokens(model, 2, 32)
+    assert pooled_positions(tokens, "eos", 49407).tolist() == [31, 31]
+    assert batch_text_positions(model, tokens) == 32
+
+
+def test_empty_batch_and_appended_class_token(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(name="clipforge-tiny"))
+    with torch.no_grad():
+        empty = model.encode_text(torch.zeros(0, 32, dtype=torch.long))
+        assert empty.shape == open_clip.CLIP.encode_text(model, torch.zeros(0, 32).long()).shape
+    # CLIP with embed_cls: open_clip's own encode_text cannot run it; neither is it switched
+    text_cfg = {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    cfg = {"embed_dim": 32, "vision_cfg": VISION_CFG, "text_cfg": {**text_cfg, "embed_cls": True}}
+    path = tmp_path / "cls-tiny.json"
+    path.write_text(json.dumps(cfg))
+    model, _ = build_model(ModelConfig(name=str(path)))
+    assert type(model) is open_clip.CLIP and type(model.visual) is PooledVisionTransformer
