@@ -222,27 +222,32 @@ def test_train_transform_is_torchvision_random_resized_crop() -> None:
     assert random_resized_crop_params(400, 10, random.Random(0)) == (0, 193, 10, 13)
 
 
-def test_resume_from_position_continues_exactly(demo_dir: Path) -> None:
+def _first_batches(
+    demo_dir: Path, position: StreamPosition, n: int, **loader_kwargs: object
+) -> tuple[list[dict], StreamPosition]:
+    """The first ``n`` batches of a seeded, shuffled, augmenting 2-worker stream from
+    ``position``, and the position after them."""
     transform, normalize = clip_image_transforms(16, train=True)
     config = ReaderConfig(batch_size=32, resampled=True, shuffle_buffer=64, seed=5)
+    loader = make_loader(
+        demo_dir, transform, normalize, config=config, num_workers=2, position=position,
+        **loader_kwargs,
+    )  # fmt: skip
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out, loader.position
 
-    def run(position: StreamPosition, n: int) -> tuple[list[tuple], StreamPosition]:
-        loader = make_loader(
-            demo_dir, transform, normalize, config=config, num_workers=2, position=position
-        )
-        out = []
-        for batch in loader:
-            out.append((batch["key"], batch["image"]))
-            if len(out) == n:
-                break
-        return out, loader.position
 
-    full, _ = run(StreamPosition(), 7)
-    first, position = run(StreamPosition(), 3)
-    rest, _ = run(position, 4)
-    assert [k for k, _ in first + rest] == [k for k, _ in full]
-    for (_, a), (_, b) in zip(first + rest, full, strict=True):
-        assert torch.equal(a, b)  # same augmentation too
+def test_resume_from_position_continues_exactly(demo_dir: Path) -> None:
+    full, _ = _first_batches(demo_dir, StreamPosition(), 7)
+    first, position = _first_batches(demo_dir, StreamPosition(), 3)
+    rest, _ = _first_batches(demo_dir, position, 4)
+    assert [b["key"] for b in first + rest] == [b["key"] for b in full]
+    for a, b in zip(first + rest, full, strict=True):
+        assert torch.equal(a["image"], b["image"])  # same augmentation too
 
 
 def test_exact_pass_epochs_and_resume(demo_dir: Path) -> None:
@@ -308,27 +313,11 @@ def test_caption_subsets_are_in_order_seeded_and_resume_exactly(demo_dir: Path) 
     assert CaptionPartsSubset(0.0)(caption) == caption
 
     # through the reader: captions are augmented, and a resumed stream repeats them exactly
-    transform, normalize = clip_image_transforms(16, train=True)
-    config = ReaderConfig(batch_size=32, resampled=True, shuffle_buffer=64, seed=5)
-
-    def run(
-        position: StreamPosition, n: int, prob: float = 0.5
-    ) -> tuple[list[list[str]], StreamPosition]:
-        loader = make_loader(
-            demo_dir,
-            transform,
-            normalize,
-            config=config,
-            num_workers=2,
-            position=position,
-            caption_transform=CaptionPartsSubset(prob),
+    def run(position: StreamPosition, n: int, prob: float = 0.5) -> tuple[list, StreamPosition]:
+        batches, after = _first_batches(
+            demo_dir, position, n, caption_transform=CaptionPartsSubset(prob)
         )
-        out = []
-        for batch in loader:
-            out.append(batch["caption"])
-            if len(out) == n:
-                break
-        return out, loader.position
+        return [b["caption"] for b in batches], after
 
     full, _ = run(StreamPosition(), 5)
     first, position = run(StreamPosition(), 2)
