@@ -50,9 +50,10 @@ class ModelConfig:
     fsdp: bool = False
     """Shard parameters across ranks (FSDP2 ``fully_shard``) for towers that do not fit one GPU."""
     pooled_forward: bool = True
-    """Compute only what the pooled features depend on: no text padding past the batch's last
-    pooled token, and the last block for the pooled position only (exact: same features and
-    gradients up to float rounding; see ``clipforge.pretrain.pooled_forward``)."""
+    """Compute only what the pooled features depend on: the text tower stops at each caption's
+    pooled token (captions grouped by length) and the last block runs the pooled position only
+    (exact: same features and gradients up to float rounding; see
+    ``clipforge.pretrain.pooled_forward``)."""
 
     def __post_init__(self) -> None:
         _check(
