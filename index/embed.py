@@ -193,46 +193,6 @@ def _shard_id(url: str) -> str:
     return url if is_remote(url) else os.path.abspath(url)
 
 
-def scan_image_members(url: str) -> list[tuple[str, str, int, int]] | None:
-    """``(key, member, data_offset, size)`` per sample of a local uncompressed tar, in order.
-
-    Reads only the tar headers (``tarfile`` seeks over member data), so it costs a few ms per
-    thousand samples. ``member`` is the image member the reader decodes (the first of
-    :data:`IMAGE_MEMBER_EXTENSIONS` present), or ``""`` with offset/size -1 when the sample has
-    none. Samples are grouped by consecutive key exactly as the reader groups them. Returns None
-    for remote or compressed shards, where byte offsets cannot be served by random access; a
-    truncated tar yields the samples whose headers could be read.
-    """
-    if is_remote(url):
-        return None
-    groups: list[tuple[str, dict[str, tuple[str, int, int]]]] = []
-    try:
-        with tarfile.open(url, mode="r:") as tar:  # "r:" refuses compressed tars: no offsets
-            while True:
-                try:
-                    info = tar.next()
-                except (tarfile.TarError, OSError, EOFError):
-                    break  # truncated: keep what was read, the rest gets -1
-                if info is None:
-                    break
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
-                    continue
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, {}))
-                groups[-1][1][ext.lower()] = (info.name, info.offset_data, info.size)
-    except (tarfile.ReadError, tarfile.CompressionError):
-        return None
-    out = []
-    for key, members in groups:
-        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
-        name, offset, size = members[ext] if ext is not None else ("", -1, -1)
-        out.append((key, name, offset, size))
-    return out
-
-
 def read_member_bytes(shard: str | os.PathLike[str], offset: int, size: int) -> bytes:
     """The ``size`` bytes at ``offset`` of a local shard: an image member by random access."""
     if offset < 0 or size < 0:
@@ -292,9 +252,10 @@ class _PartStream(ShardStream):
 def _recording_members(
     url: str, skips: _Skips, members: dict[str, list[tuple[str, str, int, int]] | None]
 ) -> Iterator[Any]:
-    """The reader's raw samples of one shard, recording each one's image member as
-    :func:`scan_image_members` reports it (None for remote or compressed shards) on the way:
-    one pass over the tar instead of two."""
+    """The reader's raw samples of one shard, recording ``(key, image member, data offset,
+    size)`` of each on the way (``("", -1, -1)`` for a sample without an image; the shard's
+    list is None for remote or compressed shards, which have no byte offsets), so the tar is
+    read once for both the samples and their offsets."""
     scan: list[tuple[str, str, int, int]] = []
     members[url] = scan
     for sample in iter_tar_samples(url, skips):

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipforge.data_tools.images import to_rgb
+from clipforge.data_tools.shardformat import (
+    IMAGE_MEMBER_EXTENSIONS,
+    is_remote,
+    split_member_name,
+)
 from clipforge.index.embed import (
     EmbedConfig,
     EmbedError,
@@ -28,7 +33,6 @@ from clipforge.index.embed import (
     iter_parts,
     marker_path,
     read_member_bytes,
-    scan_image_members,
 )
 from clipforge.pretrain.models import LoadedModel
 from tests.ports import free_port
@@ -36,6 +40,47 @@ from tests.ports import free_port
 from .conftest import EMBED_BATCH
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _scan_image_members(url: str) -> list[tuple[str, str, int, int]] | None:
+    """The oracle for embed's recorded offsets: an independent pass over the tar headers giving
+    ``(key, member, data_offset, size)`` per sample of a local uncompressed tar, in order.
+
+    Reads only the tar headers (``tarfile`` seeks over member data), so it costs a few ms per
+    thousand samples. ``member`` is the image member the reader decodes (the first of
+    :data:`IMAGE_MEMBER_EXTENSIONS` present), or ``""`` with offset/size -1 when the sample has
+    none. Samples are grouped by consecutive key exactly as the reader groups them. Returns None
+    for remote or compressed shards, where byte offsets cannot be served by random access; a
+    truncated tar yields the samples whose headers could be read.
+    """
+    if is_remote(url):
+        return None
+    groups: list[tuple[str, dict[str, tuple[str, int, int]]]] = []
+    try:
+        with tarfile.open(url, mode="r:") as tar:  # "r:" refuses compressed tars: no offsets
+            while True:
+                try:
+                    info = tar.next()
+                except (tarfile.TarError, OSError, EOFError):
+                    break  # truncated: keep what was read, the rest gets -1
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][ext.lower()] = (info.name, info.offset_data, info.size)
+    except (tarfile.ReadError, tarfile.CompressionError):
+        return None
+    out = []
+    for key, members in groups:
+        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
+        name, offset, size = members[ext] if ext is not None else ("", -1, -1)
+        out.append((key, name, offset, size))
+    return out
 
 
 def _read_all(emb: Path) -> tuple[dict, dict[str, np.ndarray], list[dict]]:
@@ -124,9 +169,9 @@ def test_scan_of_compressed_or_remote_shards_gives_no_offsets(tmp_path: Path, de
 
     gz = tmp_path / "s.tar.gz"
     gz.write_bytes(gzip.compress((demo / "emoji-000000.tar").read_bytes()))
-    assert scan_image_members(str(gz)) is None
-    assert scan_image_members("pipe:cat x.tar") is None
-    scan = scan_image_members(str(demo / "emoji-000000.tar"))
+    assert _scan_image_members(str(gz)) is None
+    assert _scan_image_members("pipe:cat x.tar") is None
+    scan = _scan_image_members(str(demo / "emoji-000000.tar"))
     assert scan is not None and len(scan) == 240 and scan[0][1].endswith(".webp")
     with pytest.raises(EmbedError, match="no byte offset"):
         read_member_bytes(str(gz), -1, -1)
@@ -140,7 +185,7 @@ def test_recorded_members_match_a_header_scan_and_compressed_shards_get_none(
     plain = str(demo / "emoji-000000.tar")
     gz = tmp_path / "emoji-000000.tar.gz"
     gz.write_bytes(gzip.compress((demo / "emoji-000000.tar").read_bytes()))
-    for shard, expected in ((plain, scan_image_members(plain)), (str(gz), None)):
+    for shard, expected in ((plain, _scan_image_members(plain)), (str(gz), None)):
         out = tmp_path / f"emb-{Path(shard).name}"
         cfg = EmbedConfig(model="m", data=shard, out=str(out), workers=0, progress="none",
                           modalities=("image",), dtype="float32")  # fmt: skip
