@@ -13,17 +13,26 @@ Stages, each a generator over the previous one (see :class:`ShardStream`):
 Error policy: a bad sample (undecodable image, missing image or caption, non-UTF-8 caption) or a
 bad shard is skipped and counted by reason -- never silently, never with a sleep -- unless
 ``on_error="raise"``. Counts travel with each batch (``batch["skipped"]``) from the worker
-processes and are summed by :class:`ShardLoader` into ``loader.skipped``.
+processes and are summed by :class:`ShardLoader` into ``loader.skipped``. A damaged shard counts
+the samples it lost when its ``manifest.json`` knows how many it holds (else 1). A resampled
+stream whose shards keep failing (``ReaderConfig.max_consecutive_shard_failures`` in a row in
+one worker) stops with :class:`ShardsUnreadableError` instead of drawing forever.
+
+Data-loader workers die with their parent: on Linux the kernel kills them
+(``PR_SET_PDEATHSIG``), and everywhere each worker checks its parent pid between shards.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import random
+import signal
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +75,11 @@ class ShardSpecError(ValueError):
 
 class DataError(RuntimeError):
     """A bad sample or shard under ``on_error="raise"`` (the message names shard and key)."""
+
+
+class ShardsUnreadableError(ShardSpecError):
+    """A resampled stream drew ``max_consecutive_shard_failures`` shards in a row that yielded no
+    sample: the data cannot be read (the message names a failing shard and the skip counts)."""
 
 
 # ----------------------------------------------------------------------------- shard specs
@@ -191,20 +205,30 @@ class _Skips:
     def __init__(self, on_error: str) -> None:
         self.on_error = on_error
         self.pending: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        """Everything counted by this worker (for error messages; ``pending`` is handed over)."""
+        self.last_problem = ""
+        """``where: reason: detail`` of the latest problem counted."""
 
-    def add(self, reason: str, where: str, detail: str) -> None:
+    def add(self, reason: str, where: str, detail: str, count: int = 1) -> None:
+        """Count ``count`` lost samples under ``reason`` (or raise, under ``on_error="raise"``)."""
         if self.on_error == "raise":
             raise DataError(f"{where}: {reason}: {detail}")
-        self.pending[reason] += 1
+        self.pending[reason] += count
+        self.total[reason] += count
+        self.last_problem = f"{where}: {reason}: {detail}"
 
     def take(self) -> dict[str, int]:
         out, self.pending = dict(self.pending), Counter()
         return out
 
 
-def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
-    """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal."""
+def iter_tar_samples(url: str, skips: _Skips, expected: int | None = None) -> Iterator[_RawSample]:
+    """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal:
+    as the samples it lost (``expected``, the manifest's count, less those read) when
+    ``expected`` is known, else as 1."""
     current: _RawSample | None = None
+    yielded = 0
     try:
         for name, data, offset in iter_tar_entries(url):
             key, ext = split_member_name(name)
@@ -212,13 +236,15 @@ def iter_tar_samples(url: str, skips: _Skips) -> Iterator[_RawSample]:
                 continue  # e.g. webdataset's __index__ members
             if current is None or key != current.key:
                 if current is not None:
+                    yielded += 1
                     yield current
                 current = _RawSample(key, url)
             current.members[ext.lower()] = data
             current.offsets[ext.lower()] = (name, offset, len(data))
     except ShardReadError as e:
         # The last, possibly incomplete sample of a damaged shard is dropped: it is not trusted.
-        skips.add(e.kind, url, e.detail)
+        lost = 1 if expected is None else max(expected - yielded, 1)
+        skips.add(e.kind, url, e.detail, lost)
         return
     if current is not None:
         yield current
@@ -270,8 +296,19 @@ class ReaderConfig:
     """``skip``: count bad samples and go on; ``raise``: stop at the first one."""
     caption_key: str = "txt"
     """Member extension holding the caption."""
+    max_consecutive_shard_failures: int = 64
+    """Resampled streams only: stop with :class:`ShardsUnreadableError` after this many shards
+    in a row, in one worker, yielded no sample (unreadable, truncated before the first sample,
+    or empty). A shard that yields a sample resets the count. An exact pass ends by itself (and
+    its caller reports "no samples"); a resampled one would otherwise draw bad shards forever.
+    With a fraction ``p`` of bad shards a healthy stream trips it with probability ``p**64``."""
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_shard_failures < 1:
+            raise ValueError(
+                "max_consecutive_shard_failures must be >= 1, got "
+                f"{self.max_consecutive_shard_failures}"
+            )
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
         if self.shuffle_buffer < 0:
@@ -350,9 +387,47 @@ class ShardStream(IterableDataset):
         skips = _Skips(self.config.on_error)
 
         urls = self._shard_urls(rng, worker, num_workers, epoch)
-        raw = (s for url in urls for s in iter_tar_samples(url, skips))
+        parent = None if info is None else (_PARENT if _PARENT is not None else os.getppid())
+        raw = self._read_shards(urls, skips, worker, parent)
         raw = shuffle_buffer(raw, self.config.shuffle_buffer, rng)
-        yield from self._batches(raw, skips, worker, consumed, seed)
+        try:
+            yield from self._batches(raw, skips, worker, consumed, seed)
+        except ShardsUnreadableError as e:
+            if info is None:
+                raise
+            # In a worker process, raising would reach the parent wrapped in a traceback dump;
+            # the loader turns this batch back into the one-line error.
+            yield {"error": str(e), "skipped": skips.take(), "worker": worker, "caption": []}
+
+    def _read_shards(
+        self, urls: Iterator[str], skips: _Skips, worker: int, parent_pid: int | None
+    ) -> Iterator[_RawSample]:
+        """Stage 2 over this worker's shards, counting shards in a row that yield nothing."""
+        # sample_counts is empty for a source built without manifests: no counts, not an error
+        expected = {
+            u: c for s in self.sources for u, c in zip(s.urls, s.sample_counts, strict=False)
+        }
+        failures = 0
+        for url in urls:
+            # The watchdog: torch's own check runs between batches only, and a stream of bad
+            # shards never finishes one (PR_SET_PDEATHSIG covers Linux; this, everything).
+            if parent_pid is not None and os.getppid() != parent_pid:
+                os._exit(1)
+            n = 0
+            for sample in iter_tar_samples(url, skips, expected.get(url)):
+                n += 1
+                yield sample
+            if n:
+                failures = 0
+                continue
+            failures += 1
+            if self.config.resampled and failures >= self.config.max_consecutive_shard_failures:
+                raise ShardsUnreadableError(
+                    f"the data yields no samples: {failures} shards in a row yielded nothing "
+                    f"on rank {self.rank}, worker {worker} (last: "
+                    f"{skips.last_problem or url + ': no samples in the shard'}; skipped: "
+                    f"{dict(skips.total)}); check the data with `clipforge-data verify SHARDS`"
+                )
 
     def _shard_urls(
         self, rng: random.Random, worker: int, num_workers: int, epoch: int
@@ -467,6 +542,39 @@ class ShardStream(IterableDataset):
 
 # ----------------------------------------------------------------------------- the loader
 
+_PARENT: int | None = None
+"""In a data-loader worker: the pid of the process that started it (set by the init function)."""
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (even by SIGKILL).
+
+    The parent is strictly the *thread* that forked us: DataLoader forks its workers from the
+    thread that iterates it, which outlives them (the iterator shuts them down first)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # no prctl (e.g. another libc): the parent-pid watchdog still stops the worker
+
+
+def worker_dies_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``parent_pid`` with ``functools.partial``): the
+    worker dies with the process that started it, so a killed training or eval job leaves no
+    orphan reading shards (a worker blocked on bad data never reaches torch's own between-batch
+    parent check)."""
+    global _PARENT
+    _PARENT = parent_pid
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
 
 class ShardLoader:
     """A DataLoader over a :class:`ShardStream` that sums skip counts and tracks the position.
@@ -516,10 +624,17 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            worker_init_fn=(
+                functools.partial(worker_dies_with_parent, os.getpid())
+                if self.num_workers > 0
+                else None
+            ),
         )
         n = max(self.num_workers, 1)
         for batch in loader:
             self.skipped.update(batch["skipped"])
+            if "error" in batch:
+                raise ShardsUnreadableError(batch["error"])
             self._consumed[batch["worker"]] = batch["consumed"]
             self._next_worker = (batch["worker"] + 1) % n
             if batch["caption"]:
@@ -573,10 +688,12 @@ __all__ = [
     "ShardSource",
     "ShardSpecError",
     "ShardStream",
+    "ShardsUnreadableError",
     "StreamPosition",
     "check_exact_pass",
     "count_samples",
     "iter_tar_samples",
     "make_loader",
     "parse_shard_spec",
+    "worker_dies_with_parent",
 ]
