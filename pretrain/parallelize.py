@@ -18,24 +18,38 @@ from clipforge.pretrain.distributed import DistInfo
 from clipforge.pretrain.pooled_forward import set_max_length_groups
 
 
-def parallelize(model: nn.Module, cfg: ModelConfig, info: DistInfo) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: ModelConfig,
+    info: DistInfo,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Move to the device, then FSDP2 or DDP when distributed, then ``torch.compile`` if asked.
 
     FSDP shards each transformer block of both towers, then the root, so only one block's full
     parameters are materialised at a time. FSDP2 cannot shard 0-d parameters (the logit
     scale/bias): they stay replicated, and their gradients are averaged over ranks by a hook.
+
+    ``param_dtype`` (FSDP only; e.g. ``torch.bfloat16`` for ``train.precision=bf16``): FSDP2's
+    ``MixedPrecisionPolicy`` all-gathers the parameters in that dtype (half the all-gather bytes
+    of float32) and reduce-scatters gradients in float32; the sharded float32 parameters stay
+    the optimizer's master copy. Autocast still decides which ops run in low precision. DDP
+    ignores it (its all-reduce is of float32 gradients).
     """
     model = model.to(info.device)
     if info.distributed and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         set_max_length_groups(model, 1)  # every rank calls each block once: matched collectives
 
+        # reduce_dtype only with a low param_dtype: float64 test models must reduce in float64
+        reduce_dtype = torch.float32 if param_dtype is not None else None
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         scalars = [p for p in model.parameters() if p.ndim == 0]
         for module in model.modules():
             if isinstance(module, ResidualAttentionBlock):
-                fully_shard(module)
-        fully_shard(model, ignored_params=set(scalars))
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, ignored_params=set(scalars), mp_policy=policy)
         for p in scalars:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_average_grad_over_ranks)
