@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from clipforge.data_tools.reader import parse_shard_spec
-from clipforge.pretrain.config import Config
+from clipforge.pretrain.config import Config, ConfigError
 from clipforge.pretrain.models import resolve_model_config
 
 PEER_SCRIPT = Path(__file__).with_name("peer_open_clip_train.py")
@@ -115,9 +115,47 @@ def bench_peer(config: Config, warmup: int, peer_python: str) -> dict[str, Any] 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(config: Config, warmup: int = 5, peer_python: str | None = None) -> dict:
-    """Both tools on the same settings, one after the other; prints a table."""
+def check_peer(config: Config, peer_python: str) -> None:
+    """Fail before anything runs when open_clip_train's half could not: a missing or broken
+    interpreter, or data it cannot read (ConfigError naming what to do)."""
+    how = (
+        "create its venv as the benchmark docs say and pass --peer-python PATH (or set "
+        "CLIPFORGE_PEER_OPENCLIP), or measure clipforge alone with --no-peer"
+    )
+    if not Path(peer_python).is_file():
+        raise ConfigError(f"--benchmark: no open_clip_train interpreter at {peer_python}: {how}")
+    if len(parse_shard_spec(config.data.train)) != 1:
+        raise ConfigError(
+            "--benchmark: the open_clip_train comparison needs a single data.train source "
+            "(no '::' mixing), or --no-peer"
+        )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    try:
+        proc = subprocess.run(
+            [peer_python, "-P", "-c", "import open_clip_train.main"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"--benchmark: {peer_python} does not run ({e}): {how}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(
+            f"--benchmark: {peer_python} cannot import open_clip_train.main ({last}): {how}"
+        )
+
+
+def run_benchmark(
+    config: Config, warmup: int = 5, peer_python: str | None = None, peer: bool = True
+) -> dict:
+    """Both tools on the same settings, one after the other; prints a table. The peer's
+    interpreter is checked first (:func:`check_peer`), so a missing one fails in seconds."""
     peer_python = peer_python or os.environ.get("CLIPFORGE_PEER_OPENCLIP", DEFAULT_PEER_PYTHON)
+    if peer:
+        check_peer(config, peer_python)
     print(
         f"benchmark: model {config.model.name}, batch {config.data.batch_size}, "
         f"{config.train.precision}, {config.data.workers} data worker(s), "
@@ -128,19 +166,19 @@ def run_benchmark(config: Config, warmup: int = 5, peer_python: str | None = Non
     # clipforge first: the peer runs as a child process, and a child's peak RSS would otherwise
     # count in this process's RUSAGE_CHILDREN figure.
     ours = bench_clipforge(config, warmup)
-    peer = bench_peer(config, warmup, peer_python)
-    peer_rate = peer.get("median_samples_per_s") if isinstance(peer, dict) else None
+    theirs = bench_peer(config, warmup, peer_python) if peer else "peer not run (--no-peer)"
+    peer_rate = theirs.get("median_samples_per_s") if isinstance(theirs, dict) else None
     print(f"{'tool':<16} {'samples/s':>10} {'data-wait':>10} {'peak RSS MB':>12}")
     print(
         f"{'clipforge':<16} {ours['median_samples_per_s']:>10} "
         f"{ours['data_wait_frac']:>10.1%} {ours['peak_rss_mb']:>12}"
     )
-    if isinstance(peer, dict):
+    if isinstance(theirs, dict):
         print(
-            f"{'open_clip_train':<16} {peer_rate:>10} {peer['data_wait_frac']:>10.1%} "
-            f"{peer['peak_rss_mb']:>12}"
+            f"{'open_clip_train':<16} {peer_rate:>10} {theirs['data_wait_frac']:>10.1%} "
+            f"{theirs['peak_rss_mb']:>12}"
         )
         print(f"ratio clipforge / open_clip_train: {ours['median_samples_per_s'] / peer_rate:.2f}x")
     else:
-        print(peer)
-    return {"clipforge": ours, "open_clip_train": peer}
+        print(theirs)
+    return {"clipforge": ours, "open_clip_train": theirs}

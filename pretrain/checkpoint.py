@@ -7,18 +7,29 @@ so that a checkpoint alone can be loaded for inference.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from clipforge.data_tools.atomic import atomic_output
+from clipforge.data_tools.atomic import TMP_MARKER, atomic_output
+
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+CORRUPT_SUFFIX = ".corrupt"
+# what resume reads from a checkpoint: one without them is not a clipforge step checkpoint
+REQUIRED_KEYS = ("model", "optimizer", "step", "samples_seen", "rng", "data_positions")
+
+
+class NoIntactCheckpoint(ValueError):
+    """Every checkpoint of a run directory is unreadable (the message lists them)."""
 
 
 def checkpoint_path(folder: str | os.PathLike[str], step: int) -> Path:
@@ -78,10 +89,60 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], verify: bool = False) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint` (plain tensors and containers only, so it
-    loads with ``weights_only=True``)."""
+    loads with ``weights_only=True``). ``verify``: also check every stored CRC-32 first
+    (``torch.load`` does not: garbled tensor bytes would load as wrong weights) and that the
+    keys resume needs are there."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if verify:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"record {bad} fails its CRC-32 check")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if verify:
+        missing = [k for k in REQUIRED_KEYS if not (isinstance(state, dict) and k in state)]
+        if missing:
+            raise ValueError(f"checkpoint {path} is not a step checkpoint (no {missing})")
+    return state
+
+
+def load_newest_intact(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, and its state; None when there is none at all.
+
+    A newer one that does not verify (torn or garbled: a disk or copy fault, since writes are
+    atomic) is renamed to ``step-N.pt.corrupt`` with a warning, so that keep-last-K never keeps
+    it in place of intact ones. :class:`NoIntactCheckpoint` when none verifies.
+    """
+    found = list_checkpoints(folder)
+    if not found:
+        return None
+    problems = []
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path, verify=True)
+        except ValueError as e:
+            problems.append(str(e))
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, aside)
+            log.warning("%s; renamed it to %s and trying the previous checkpoint", e, aside.name)
+    raise NoIntactCheckpoint(
+        f"no intact checkpoint in {folder} (each renamed to *{CORRUPT_SUFFIX}): "
+        + "; ".join(problems)
+        + ": restore one from a copy, or set train.resume=false to start over"
+    )
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files of atomic writes a killed run left in ``folder`` (such as
+    ``step-N.pt.tmp-PID``). Only for the process that holds the run directory's lock."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if TMP_MARKER in p.name and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

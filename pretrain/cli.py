@@ -7,6 +7,7 @@ torchrun --nproc-per-node 8 -m clipforge.pretrain --config vit-b-32 --set data.t
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="python of the open_clip_train venv "
         "(default $CLIPFORGE_PEER_OPENCLIP or /work/peers/openclip/bin/python)",
     )
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="with --benchmark: measure clipforge alone (no open_clip_train venv needed)",
+    )
     parser.add_argument("--json", help="with --benchmark: also write the figures here")
     return parser
 
@@ -74,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.benchmark:
             from clipforge.pretrain.benchmark import run_benchmark
 
-            figures = run_benchmark(config, args.benchmark_warmup, args.peer_python)
+            figures = run_benchmark(
+                config, args.benchmark_warmup, args.peer_python, peer=not args.no_peer
+            )
             if args.json:
                 from clipforge.data_tools.atomic import write_json_atomic
 
@@ -90,6 +98,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ShardSpecError, FileNotFoundError) as e:
         print(f"clipforge-pretrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk outside a checkpoint write (metrics, config): one line, like the others
+        print(f"clipforge-pretrain: training aborted: {e}", file=sys.stderr)
+        return 3
+    if result.already_complete:
+        if result.model_dir is not None:
+            loss = f"{result.last_loss:.4f}" if result.last_loss == result.last_loss else "unknown"
+            beyond = (
+                f" (train.steps={config.train.steps} asks for fewer)"
+                if result.steps > config.train.steps
+                else ""
+            )
+            print(
+                f"run {result.run_dir} is already complete: {result.steps} steps{beyond}, "
+                f"{result.samples_seen} samples seen, last logged loss {loss}; nothing was "
+                f"trained or changed; model -> {result.model_dir}"
+            )
+        return 0
     if result.model_dir is not None:  # rank 0 only
         print(
             f"done: {result.steps} steps, {result.samples_seen} samples seen, last loss "

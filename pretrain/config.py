@@ -191,6 +191,11 @@ class TrainConfig:
     """Also write TensorBoard event files (needs the ``tensorboard`` package)."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress display: a bar on interactive terminals, plain lines otherwise."""
+    extend_schedule: Literal["", "rewarm", "continue_lr"] = ""
+    """How the learning-rate schedule continues when a resume changes train.steps (or optim.lr,
+    warmup_steps, schedule, min_lr_ratio): ``rewarm`` warms up from the current rate to optim.lr
+    over optim.warmup_steps then decays to the new end; ``continue_lr`` decays from the current
+    rate to the new end. Unset, such a resume is refused."""
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "> 0", self.steps)
@@ -221,6 +226,56 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Settings a resume may change: they do not change what a checkpoint holds (parameter shapes,
+# optimizer state, the data stream). Every other difference from the checkpoint's config is
+# refused. The schedule settings among them (pretrain.schedule.SCHEDULE_KEYS) also need a
+# train.extend_schedule rule.
+RESUME_MUTABLE = frozenset(
+    {
+        "train.run_dir",
+        "train.steps",
+        "train.resume",
+        "train.extend_schedule",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.eval_callback",
+        "train.max_nonfinite",
+        "train.tensorboard",
+        "train.progress",
+        "train.device",
+        "train.precision",
+        "train.accum_steps",
+        "optim.lr",
+        "optim.warmup_steps",
+        "optim.schedule",
+        "optim.min_lr_ratio",
+        "optim.grad_clip",
+        "optim.fused",
+        "model.grad_checkpointing",
+        "model.compile",
+        "model.fsdp",
+        "model.pooled_forward",
+    }
+)
+
+
+def config_differences(saved: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
+    """``section.key`` -> (saved value, new value) for every setting that differs. A key the
+    saved config lacks (added since it was written) counts as its default."""
+    defaults = Config().to_dict()
+    new = config.to_dict()
+    out: dict[str, tuple[Any, Any]] = {}
+    for section, values in new.items():
+        old_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        for key, value in values.items():
+            old = old_section.get(key, defaults[section][key])
+            if old != value:
+                out[f"{section}.{key}"] = (old, value)
+    return out
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

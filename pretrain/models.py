@@ -194,7 +194,7 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def export_open_clip(
-    model: nn.Module,
+    model: nn.Module | None,
     model_cfg: dict[str, Any],
     out_dir: str | os.PathLike[str],
     preprocess_cfg: dict[str, Any] | None = None,
@@ -202,12 +202,15 @@ def export_open_clip(
 ) -> Path:
     """Write ``open_clip_config.json`` + ``open_clip_pytorch_model.bin`` (atomically) so that
     ``open_clip.create_model_and_transforms("local-dir:OUT")`` loads the model. ``state``: the
-    whole weights when ``model``'s own are sharded (FSDP)."""
+    whole weights when ``model``'s own are sharded (FSDP); with ``state`` and ``preprocess_cfg``
+    (a checkpoint's), ``model`` may be None."""
     from clipforge.data_tools.atomic import atomic_output, write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
+        if model is None:
+            raise ValueError("export_open_clip: give the model or its state")
         state = model.state_dict()
     state = {k: v.detach().to("cpu") for k, v in state.items()}
     with atomic_output(out / OPEN_CLIP_WEIGHTS_NAME) as tmp:

@@ -6,9 +6,11 @@ Everything is counted in optimizer steps and samples seen. Rank 0 writes; every 
 from __future__ import annotations
 
 import contextlib
-import json
+import datetime
 import logging
 import math
+import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.data_tools.atomic import OutOfSpaceError
 from clipforge.data_tools.reader import (
     ReaderConfig,
     ShardLoader,
@@ -30,19 +33,30 @@ from clipforge.data_tools.reader import (
 )
 from clipforge.data_tools.transforms import CaptionPartsSubset, clip_image_transforms
 from clipforge.pretrain.checkpoint import (
+    NoIntactCheckpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    load_newest_intact,
+    remove_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from clipforge.pretrain.config import Config, ConfigError, save_config
+from clipforge.pretrain.config import (
+    RESUME_MUTABLE,
+    Config,
+    ConfigError,
+    config_differences,
+    save_config,
+)
 from clipforge.pretrain.cpu_memory import keep_freed_memory
 from clipforge.pretrain.distributed import (
     DistInfo,
     all_reduce_max,
     all_reduce_mean,
     barrier,
+    broadcast_object,
     init_distributed,
     shutdown,
 )
@@ -57,6 +71,25 @@ from clipforge.pretrain.parallelize import (
     unwrap,
 )
 from clipforge.pretrain.pooled_forward import batch_text_positions, full_context_tokens
+from clipforge.pretrain.rundir import (
+    METRICS_NAME,
+    RESTARTS_NAME,
+    RunLock,
+    acquire_run_lock,
+    append_jsonl,
+    last_logged_loss,
+    truncate_metrics,
+)
+from clipforge.pretrain.schedule import (
+    SCHEDULE_KEYS,
+    Schedule,
+    Segment,
+    extend,
+    initial_schedule,
+    lr_at,
+    schedule_from_state,
+    schedule_state,
+)
 from clipforge.pretrain.step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -95,13 +128,20 @@ class TrainResult:
     """This rank's loss at the last step."""
     model_dir: Path | None
     """The exported open_clip model folder (None on ranks other than 0)."""
+    already_complete: bool = False
+    """The run had reached ``train.steps`` before this call, which trained nothing and changed
+    nothing (``last_loss`` is then the last logged one, NaN if none was)."""
 
 
 def train(config: Config, eval_callback: EvalCallback | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns when ``train.steps`` are done."""
     info = init_distributed(config.train.device)
     try:
-        return Trainer(config, info, eval_callback).train()
+        trainer = Trainer(config, info, eval_callback)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
     finally:
         shutdown(info)
 
@@ -116,16 +156,57 @@ def resolve_eval_callback(name: str) -> EvalCallback:
     return found[name].load()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What rank 0 decided from the run directory before anything is written (sent to all)."""
+
+    checkpoint: str | None
+    """The checkpoint to resume from (None: a fresh start)."""
+    step: int
+    samples_seen: int
+    complete: bool
+    """The checkpoint is at or past ``train.steps``: nothing to train, nothing to change."""
+    schedule: list[dict[str, Any]]
+    changes: dict[str, tuple[Any, Any]]
+    """Settings that differ from the checkpoint's (all allowed on resume)."""
+    last_loss: float = float("nan")
+
+
 class Trainer:
-    """Holds the model, optimizer, data and counters of one run."""
+    """Holds the model, optimizer, data and counters of one run.
+
+    Setup order matters: rank 0 takes the run directory's lock, reads and checks what is there
+    (checkpoints, the saved config, the schedule) and only then does anything get written, so a
+    refused resume leaves the run directory as it was.
+    """
 
     def __init__(
         self, config: Config, info: DistInfo, eval_callback: EvalCallback | None = None
     ) -> None:
         self.config, self.info = config, info
-        tc = config.train
-        self.run_dir = Path(tc.run_dir)
+        self.run_dir = Path(config.train.run_dir)
+        self.metrics_file = self.run_dir / METRICS_NAME
+        self._lock: RunLock | None = None
+        self._state: dict[str, Any] | None = None  # rank 0: the checkpoint read while planning
+        try:
+            self._setup(eval_callback)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give up the run directory's lock (rank 0); idempotent."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, eval_callback: EvalCallback | None) -> None:
+        config, info, tc = self.config, self.info, self.config.train
         self._preflight()
+        self.plan = self._make_plan()
+        self.step, self.samples_seen = self.plan.step, self.plan.samples_seen
+        if self.plan.complete:  # nothing is built: train() only reports (and exports if need be)
+            return
         if eval_callback is None and tc.eval_callback:
             eval_callback = resolve_eval_callback(tc.eval_callback)
         self.eval_callback = eval_callback
@@ -145,24 +226,24 @@ class Trainer:
         self.model = parallelize(model, config.model, info)
         self.loss_fn = make_loss(config.loss.kind)
         self.optimizer = _make_optimizer(unwrap(self.model), config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.schedule: Schedule = schedule_from_state(self.plan.schedule)
         dev_type = info.device.type
         self.scaler = torch.amp.GradScaler(dev_type) if tc.precision == "fp16" else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         self.autocast = (
             (lambda: torch.autocast(dev_type, dtype=dtype)) if dtype else (contextlib.nullcontext)
         )
-        self.step = 0
-        self.samples_seen = 0
         self.nonfinite_steps = 0
         position = self._resume()
+        self._record_start()
         self.loader = self._make_loader(position)
-        self.metrics_file = self.run_dir / "metrics.jsonl"
         self.tb = self._tensorboard() if tc.tensorboard and info.is_main else None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         tc = self.config.train
+        if self.plan.complete:
+            return self._already_complete()
         global_batch = self.config.data.batch_size * self.info.world_size
         batches = self._batches()
         consecutive_bad = 0
@@ -170,6 +251,9 @@ class Trainer:
         progress = self._progress()
         loss_value = float("nan")
         while self.step < tc.steps:
+            lr = lr_at(self.schedule, self.step)  # the rate this step uses
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             t0 = time.perf_counter()
             batch = next(batches)
             t_data = time.perf_counter() - t0
@@ -215,8 +299,6 @@ class Trainer:
                 else:
                     self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-            self.scheduler.step()
             self._clamp_logit_scale()
             self.step += 1
             self.samples_seen += global_batch
@@ -227,13 +309,14 @@ class Trainer:
             if self.eval_callback and tc.eval_every and self.step % tc.eval_every == 0:
                 self._evaluate()
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                self._save_checkpoint()
+                self._save_checkpoint(loss_value)
         model_dir = self._export()
         return TrainResult(self.run_dir, self.step, self.samples_seen, loss_value, model_dir)
 
     # ------------------------------------------------------------------ setup pieces
     def _preflight(self) -> None:
-        """Fail before the first step, with a clear message, on what would fail later."""
+        """Fail before the first step, with a clear message, on what would fail later; rank 0
+        takes the run directory's lock (the other ranks of this job never do)."""
         cfg, info = self.config, self.info
         if not cfg.data.train:
             raise ConfigError(
@@ -242,18 +325,125 @@ class Trainer:
         sources = parse_shard_spec(cfg.data.train)
         if not cfg.data.resampled:
             check_exact_pass(sum(len(s.urls) for s in sources), info.world_size, cfg.data.workers)
+        error = None
         if info.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
+                # creating the lock file is also the writability probe
+                self._lock = acquire_run_lock(self.run_dir)
+            except ConfigError as e:
+                error = str(e)
             except OSError as e:
-                raise ConfigError(f"train.run_dir {self.run_dir} is not writable ({e})") from None
-            save_config(cfg, self.run_dir / "config.yaml")
-        barrier(info)
+                error = f"train.run_dir {self.run_dir} is not writable ({e})"
+        error = broadcast_object(error, info)
+        if error:
+            raise ConfigError(error)
         if cfg.train.precision == "fp16" and info.device.type == "cpu":
             log.warning("fp16 autocast on CPU is slow and rarely useful; bf16 is the CPU choice")
+
+    def _make_plan(self) -> _Plan:
+        """Rank 0 reads the run directory and decides; every rank gets the decision (or the
+        error, so that all ranks of the job stop with the same message)."""
+        plan: _Plan | None = None
+        error: str | None = None
+        if self.info.is_main:
+            try:
+                plan = self._decide()
+            except (ConfigError, NoIntactCheckpoint) as e:
+                error = str(e)
+            except Exception as e:
+                broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"), self.info)
+                raise
+        plan, error = broadcast_object((plan, error), self.info)  # type: ignore[misc]
+        if error:
+            raise ConfigError(error)
+        assert plan is not None
+        return plan
+
+    def _decide(self) -> _Plan:
+        """Fresh start, resume (with which schedule) or nothing to do; raises on a resume that
+        would not continue the same run. Reads only, apart from sweeping temp files of killed
+        writes and renaming corrupt checkpoints aside."""
+        cfg, tc = self.config, self.config.train
+        ckpt_dir = self.run_dir / "checkpoints"
+        removed = [
+            p
+            for folder in (self.run_dir, ckpt_dir, self.run_dir / "model")
+            for p in remove_temp_files(folder)
+        ]
+        if removed:
+            log.info(
+                "removed %d temp file(s) left by an interrupted write: %s",
+                len(removed),
+                ", ".join(str(p.relative_to(self.run_dir)) for p in removed),
+            )
+        fresh = _Plan(None, 0, 0, False, schedule_state(initial_schedule(cfg)), {})
+        if not tc.resume:
+            found = list_checkpoints(ckpt_dir)
+            if found:
+                raise ConfigError(
+                    f"train.resume=false but {ckpt_dir} holds checkpoints (newest "
+                    f"{found[-1][1].name}): a new run there would mix its checkpoints with the "
+                    "old ones; use another train.run_dir, or delete that folder"
+                )
+            return fresh
+        newest = load_newest_intact(ckpt_dir)
+        if newest is None:
+            return fresh
+        path, state = newest
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        diffs = config_differences(saved, cfg)
+        refused = {k: v for k, v in diffs.items() if k not in RESUME_MUTABLE}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ConfigError(
+                f"cannot resume {path} with different settings ({listed}): they change what "
+                "the checkpoint holds or the data it continues; set them back, or use another "
+                "train.run_dir (settings a resume may change: see the README's pretrain section)"
+            )
+        positions = state["data_positions"]
+        if len(positions) != self.info.world_size:
+            raise ConfigError(
+                f"{path} was written by {len(positions)} ranks; resuming "
+                f"with {self.info.world_size} would not continue the same data"
+            )
+        step, samples_seen = int(state["step"]), int(state["samples_seen"])
+        self._state = state
+        if step >= tc.steps:
+            loss = last_logged_loss(self.metrics_file, step)
+            if loss is None:
+                loss = float(state.get("last_loss", float("nan")))
+            return _Plan(str(path), step, samples_seen, True, [], diffs, loss)
+        if "schedule" in state:
+            schedule = schedule_from_state(state["schedule"])
+        else:  # written before schedules were stored: the one its own config described
+            schedule = _first_schedule(saved, cfg)
+        schedule_changes = {k: v for k, v in diffs.items() if k in SCHEDULE_KEYS}
+        if schedule_changes:
+            listed = ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in schedule_changes.items()
+            )
+            current = lr_at(schedule, step)
+            if not tc.extend_schedule:
+                raise ConfigError(
+                    f"resuming {path} at step {step} with {listed} changes the learning-rate "
+                    f"schedule (the next step's rate is {current:.3g}): say how it continues, "
+                    "--set train.extend_schedule=rewarm (warm up from it to optim.lr over "
+                    "optim.warmup_steps steps, then decay to the new end) or "
+                    "--set train.extend_schedule=continue_lr (decay from it to the new end)"
+                )
+            schedule = extend(schedule, step, cfg, tc.extend_schedule)
+            log.info(
+                "schedule changed at step %d (%s) by train.extend_schedule=%s: %s",
+                step,
+                listed,
+                tc.extend_schedule,
+                schedule[-1].describe(),
+            )
+        for key, (old, new) in diffs.items():
+            if key not in SCHEDULE_KEYS and key != "train.extend_schedule":
+                log.info("resume changes %s: %r -> %r", key, old, new)
+        return _Plan(str(path), step, samples_seen, False, schedule_state(schedule), diffs)
 
     def _make_loader(self, position: StreamPosition) -> ShardLoader:
         cfg = self.config
@@ -305,35 +495,86 @@ class Trainer:
                 )
 
     def _resume(self) -> StreamPosition:
-        ckpt_path = latest_checkpoint(self.run_dir / "checkpoints")
-        if not (self.config.train.resume and ckpt_path is not None):
-            if self.info.is_main:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        """Load the planned checkpoint (every rank) and return this rank's data position."""
+        if self.plan.checkpoint is None:
             return StreamPosition()
-        state = load_checkpoint(ckpt_path)
+        state = self._state if self._state is not None else load_checkpoint(self.plan.checkpoint)
+        self._state = None  # not kept for the whole run
         load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         set_rng_state(state["rng"])
         if self.info.is_main:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             log.info(
                 "resumed from %s (step %d, %d samples seen)",
-                ckpt_path,
+                self.plan.checkpoint,
                 self.step,
                 self.samples_seen,
             )
-        positions = state["data_positions"]
-        if len(positions) != self.info.world_size:
-            raise ConfigError(
-                f"{ckpt_path} was written by {len(positions)} ranks; resuming "
-                f"with {self.info.world_size} would not continue the same data"
-            )
-        p = positions[self.info.rank]
+        p = state["data_positions"][self.info.rank]
         return StreamPosition(p["epoch"], tuple(p["consumed"]), p["next_worker"])
+
+    def _record_start(self) -> None:
+        """Now that the start is sure: config.yaml, metrics.jsonl cut back to the checkpoint
+        (or removed on a fresh start) and one restarts.jsonl line (rank 0 writes)."""
+        hosts = _gather_hosts(self.info)
+        if self.info.is_main:
+            save_config(self.config, self.run_dir / "config.yaml")
+            if self.plan.checkpoint is None:
+                self.metrics_file.unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.metrics_file, self.step)
+            record = {
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "event": "resume" if self.plan.checkpoint else "start",
+                "step": self.step,
+                "steps": self.config.train.steps,
+                "world_size": self.info.world_size,
+                "hosts": hosts,
+                "pid": os.getpid(),
+                "checkpoint": Path(self.plan.checkpoint).name if self.plan.checkpoint else None,
+                "changed": {
+                    k: list(v) for k, v in self.plan.changes.items() if k != "train.run_dir"
+                },
+            }
+            append_jsonl(self.run_dir / RESTARTS_NAME, record)
+        barrier(self.info)
+
+    def _already_complete(self) -> TrainResult:
+        """The run is done: export model/ only if it is missing or not the final weights."""
+        model_dir = self.run_dir / "model"
+        error = None
+        if self.info.is_main:
+            assert self.plan.checkpoint is not None
+            state = self._state or load_checkpoint(self.plan.checkpoint)
+            if not _export_matches(model_dir, state["model"]):
+                log.info(
+                    "model/ is missing or not %s's weights: exporting it", self.plan.checkpoint
+                )
+                try:
+                    export_open_clip(
+                        None,
+                        state["model_cfg"],
+                        model_dir,
+                        state.get("preprocess_cfg"),
+                        state=state["model"],
+                    )
+                except OutOfSpaceError as e:
+                    error = str(e)
+            self._state = None
+        error = broadcast_object(error, self.info)
+        if error:
+            raise TrainingAborted(error)
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            self.samples_seen,
+            self.plan.last_loss,
+            model_dir if self.info.is_main else None,
+            already_complete=True,
+        )
 
     # ------------------------------------------------------------------ step pieces
     def _clip_gradients(self) -> float:
@@ -367,8 +608,7 @@ class Trainer:
             peak = _peak_flops(self.info.device)
             if peak:
                 record["mfu"] = round(achieved / peak, 4)
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.metrics_file, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)):
@@ -387,56 +627,64 @@ class Trainer:
         results = self.eval_callback(unwrap(self.model), self.step)
         self.model.train()
         if self.info.is_main and results:
-            with open(self.metrics_file, "a", encoding="utf-8") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": self.step,
-                            "samples_seen": self.samples_seen,
-                            **{f"eval/{k}": v for k, v in results.items()},
-                        }
-                    )
-                    + "\n"
-                )
+            record = {"step": self.step, "samples_seen": self.samples_seen}
+            append_jsonl(
+                self.metrics_file, {**record, **{f"eval/{k}": v for k, v in results.items()}}
+            )
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, loss: float) -> None:
         positions = _gather_positions(self.loader.position, self.info)
         model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
+        mean_loss = all_reduce_mean(loss, self.info)
+        error = None
         if self.info.is_main:
             state = {
                 "model": model_sd,
                 "optimizer": optim_sd,
-                "scheduler": self.scheduler.state_dict(),
+                "schedule": schedule_state(self.schedule),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step,
                 "samples_seen": self.samples_seen,
                 "nonfinite_steps": self.nonfinite_steps,
+                "last_loss": mean_loss,
                 "rng": rng_state(),
                 "data_positions": positions,
                 "model_cfg": self.model_cfg,
                 "preprocess_cfg": _plain(self.preprocess_cfg),
                 "config": self.config.to_dict(),
             }
-            save_checkpoint(
-                self.run_dir / "checkpoints",
-                self.step,
-                state,
-                keep=self.config.train.keep_checkpoints,
-            )
-        barrier(self.info)
+            folder = self.run_dir / "checkpoints"
+            try:
+                save_checkpoint(folder, self.step, state, keep=self.config.train.keep_checkpoints)
+            except OutOfSpaceError as e:
+                newest = latest_checkpoint(folder)
+                error = f"{e}" + (
+                    f" (the run resumes from {newest.name}, the newest complete checkpoint)"
+                    if newest
+                    else ""
+                )
+        # instead of a barrier: every rank stops on rank 0's failure, none waits for it
+        error = broadcast_object(error, self.info)
+        if error:
+            raise TrainingAborted(error)
 
     def _export(self) -> Path | None:
-        out = None
+        out, error = None, None
         weights = full_model_state_dict(self.model)  # every rank
         if self.info.is_main:
-            out = export_open_clip(
-                unwrap(self.model),
-                self.model_cfg,
-                self.run_dir / "model",
-                self.preprocess_cfg,
-                state=weights,
-            )
-        barrier(self.info)
+            try:
+                out = export_open_clip(
+                    unwrap(self.model),
+                    self.model_cfg,
+                    self.run_dir / "model",
+                    self.preprocess_cfg,
+                    state=weights,
+                )
+            except OutOfSpaceError as e:
+                error = str(e)
+        error = broadcast_object(error, self.info)
+        if error:
+            raise TrainingAborted(error)
         return out
 
     # ------------------------------------------------------------------ display
@@ -522,19 +770,48 @@ def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     )
 
 
-def _lr_lambda(config: Config) -> Callable[[int], float]:
-    oc, steps = config.optim, config.train.steps
+def _first_schedule(saved: dict[str, Any], config: Config) -> Schedule:
+    """The schedule a checkpoint written before schedules were stored followed: its config's."""
+    optim, steps = saved.get("optim", {}), saved.get("train", {}).get("steps", config.train.steps)
+    oc = config.optim
+    return [
+        Segment(
+            start=0,
+            end=int(steps),
+            peak_lr=float(optim.get("lr", oc.lr)),
+            warmup_steps=int(optim.get("warmup_steps", oc.warmup_steps)),
+            kind=optim.get("schedule", oc.schedule),
+            min_ratio=float(optim.get("min_lr_ratio", oc.min_lr_ratio)),
+        )
+    ]
 
-    def factor(step: int) -> float:
-        if step < oc.warmup_steps:
-            return (step + 1) / oc.warmup_steps
-        if oc.schedule == "constant":
-            return 1.0
-        progress = (step - oc.warmup_steps) / max(1, steps - oc.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * cosine
 
-    return factor
+def _export_matches(model_dir: Path, weights: dict[str, torch.Tensor]) -> bool:
+    """``model_dir`` holds an export of exactly ``weights``."""
+    from clipforge.pretrain.models import OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME
+
+    file = model_dir / OPEN_CLIP_WEIGHTS_NAME
+    if not (file.is_file() and (model_dir / OPEN_CLIP_CONFIG_NAME).is_file()):
+        return False
+    try:
+        exported = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return exported.keys() == weights.keys() and all(
+        torch.equal(exported[k], weights[k]) for k in weights
+    )
+
+
+def _gather_hosts(info: DistInfo) -> list[str]:
+    """The hosts of the job, in rank order, each once."""
+    host = socket.gethostname()
+    if not info.distributed:
+        return [host]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, host)
+    return list(dict.fromkeys(out))
 
 
 def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> tuple[float, float]:
@@ -579,20 +856,6 @@ def _gather_positions(position: StreamPosition, info: DistInfo) -> list[dict[str
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, mine)
     return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines past ``step`` (written by a run killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    from clipforge.data_tools.atomic import write_bytes_atomic
-
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
 def _plain(obj: Any) -> Any:
