@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from clipforge.data_tools.cliutil import DefaultsHelpFormatter, subparser_class
 from clipforge.data_tools.images import IMAGE_FORMATS, RESIZE_MODES
 from clipforge.data_tools.reader import ShardSpecError
 from clipforge.data_tools.shardformat import ManifestError
@@ -36,68 +37,103 @@ def _rgb(value: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipforge-data", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="clipforge-data", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=subparser_class())
 
     w = sub.add_parser("write", help="write a folder or table of images + captions as shards")
     w.add_argument(
         "src",
         help="folder of images with same-stem .txt captions, or a .csv/.tsv/.jsonl/.parquet table",
     )
-    w.add_argument("out_dir")
-    w.add_argument("--image-size", type=int, default=224)
-    w.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
-    w.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
+    w.add_argument(
+        "out_dir", help="folder the shards, manifest.json and stats.json go to (created)"
+    )
+    w.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="stored size in pixels: the square side (center_crop, pad) or the longest side "
+        "(keep_ratio); ignored by --resize-mode none",
+    )
+    w.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="center_crop",
+        help="center_crop: square crop; keep_ratio: longest side = --image-size; pad: square "
+        "with --background bars; none: original size",
+    )
+    w.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="jpg",
+        help="encoding of the stored images",
+    )
     w.add_argument("--quality", type=int, default=95, help="jpg/webp quality (1-100)")
     w.add_argument(
         "--min-size", type=int, default=0, help="skip images whose shorter side is below this"
     )
-    w.add_argument("--shard-size", type=int, default=10000, help="input rows per shard")
-    w.add_argument("--workers", type=int, default=1)
+    w.add_argument(
+        "--shard-size",
+        type=int,
+        default=10000,
+        help="input rows per shard (skipped rows make a shard smaller)",
+    )
+    w.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
     w.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
     w.add_argument(
         "--part",
         type=_part,
         default=(0, 1),
         metavar="I/N",
-        help="write only the I-th of N disjoint slices (SLURM arrays, ranks)",
+        help="write only the I-th of N disjoint slices (SLURM arrays, ranks); default 0/1: all",
     )
     w.add_argument("--image-column", help="table column with image paths (default: guess)")
     w.add_argument("--caption-column", help="table column with captions (default: guess)")
+    w.add_argument(
+        "--label-from-folder",
+        action="store_true",
+        help="folder source with class sub-folders (SRC/cats/x.jpg): store each image's "
+        'sub-folder as its label, "category": "cats" in its .json, the field '
+        "clipforge-eval zeroshot reads",
+    )
     w.add_argument(
         "--background",
         type=_rgb,
         default=(255, 255, 255),
         metavar="R,G,B",
-        help="colour transparency is composited onto (and pad fills with)",
+        help="colour transparency is composited onto (and pad fills with); default 255,255,255",
     )
     w.add_argument("--no-resume", action="store_true", help="rewrite shards already complete")
-    w.add_argument("--no-progress", action="store_true")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
-    m.add_argument("out_dir")
+    m.add_argument("out_dir", help="the folder every --part run wrote into")
 
     s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
     s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=int, default=2, help="processes reading shards")
 
     v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
-    v.add_argument("shards")
-    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    v.add_argument("--workers", type=int, default=2, help="processes reading shards")
 
     d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
-    d.add_argument("out_dir")
+    d.add_argument("out_dir", help="folder the demo shards go to (created)")
 
     b = sub.add_parser("bench", help="write and read throughput, side by side with open_clip")
     b.add_argument("--work-dir", default="bench-work", help="scratch folder (reused)")
-    b.add_argument("--images", type=int, default=10000)
-    b.add_argument("--source-size", type=int, default=256)
+    b.add_argument("--images", type=int, default=10000, help="synthetic images to write")
+    b.add_argument(
+        "--source-size", type=int, default=256, help="side of the synthetic source images"
+    )
     b.add_argument("--image-size", type=int, default=256, help="side stored in the shards")
     b.add_argument("--read-size", type=int, default=224, help="side of the reader's tensors")
-    b.add_argument("--write-workers", type=int, default=2)
+    b.add_argument("--write-workers", type=int, default=2, help="writer processes")
     b.add_argument("--read-workers", default="1,2", help="comma-separated worker counts")
-    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--batch-size", type=int, default=64, help="reader batch size")
     b.add_argument(
         "--peer-python",
         default=None,
@@ -136,6 +172,7 @@ def _write(args: argparse.Namespace) -> int:
         background=args.background,
         image_column=args.image_column,
         caption_column=args.caption_column,
+        label_from_folder=args.label_from_folder,
         resume=not args.no_resume,
     )
     result = write_shards(args.src, args.out_dir, config, progress=not args.no_progress)

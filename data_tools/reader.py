@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data_tools.images import ImageDecodeError, decode_image, to_rgb
+from clipforge.data_tools.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, to_rgb
 from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
     ManifestError,
@@ -142,7 +142,7 @@ def _expand(item: str) -> list[str]:
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
-            raise ShardSpecError(f"{item}: folder holds no .tar shards")
+            raise ShardSpecError(_not_shards_message(item, path))
         return urls
     urls = []
     for expanded in braceexpand.braceexpand(item):
@@ -153,6 +153,29 @@ def _expand(item: str) -> list[str]:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ShardSpecError(f"{item}: no such shard file(s): {shown or item}")
     return urls
+
+
+def _not_shards_message(item: str, folder: Path) -> str:
+    """Why a folder without shards cannot be read, and what to do when it holds raw data."""
+    image_suffixes = {"." + e for e in IMAGE_EXTENSIONS}
+    raw = ""
+    # The first few files are enough to tell (a folder of a million images is not walked).
+    for n, p in enumerate(folder.rglob("*")):
+        if n >= 10_000:
+            break
+        suffix = p.suffix.lower()
+        if suffix in image_suffixes or suffix == ".txt":
+            raw = f"images and captions (e.g. {p.relative_to(folder).as_posix()})"
+            break
+        if suffix in (".csv", ".tsv", ".jsonl", ".parquet"):
+            raw = f"a table of images and captions ({p.relative_to(folder).as_posix()})"
+            break
+    if not raw:
+        return f"{item}: folder holds no .tar shards"
+    return (
+        f"{item}: folder holds {raw}, not .tar shards: write them as shards first with "
+        f"`clipforge-data write {item} SHARDS_DIR` and pass SHARDS_DIR"
+    )
 
 
 def _manifest_counts(urls: list[str]) -> list[int | None]:

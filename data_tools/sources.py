@@ -44,18 +44,33 @@ class SourceRow:
     """Human-readable detail for ``error``."""
 
 
+LABEL_FIELD = "category"
+"""The .json field ``label_from_folder`` writes: the one ``clipforge-eval zeroshot`` reads by
+default, as it reads the class sub-folder of a raw image folder."""
+
+
 def iter_source(
     src: str | os.PathLike[str],
     image_column: str | None = None,
     caption_column: str | None = None,
+    label_from_folder: bool = False,
 ) -> Iterator[SourceRow]:
-    """Yield the rows of a folder or table source (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``)."""
+    """Yield the rows of a folder or table source (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``).
+
+    ``label_from_folder`` (folders only): each image's first sub-folder under ``src`` (``cats``
+    for ``src/cats/x.jpg``) becomes its class label, in the extra column :data:`LABEL_FIELD`;
+    images directly in ``src`` get no label."""
     path = Path(src)
     if path.is_dir():
-        yield from _iter_folder(path)
+        yield from _iter_folder(path, label_from_folder)
         return
     if not path.exists():
         raise SourceError(f"source {path} does not exist")
+    if label_from_folder:
+        raise SourceError(
+            f"source {path}: --label-from-folder needs a folder of class sub-folders, not a "
+            f"table (a table's label is one of its columns: every extra column is kept)"
+        )
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise SourceError(
@@ -71,7 +86,7 @@ def iter_source(
         )
 
 
-def _iter_folder(root: Path) -> Iterator[SourceRow]:
+def _iter_folder(root: Path, label_from_folder: bool = False) -> Iterator[SourceRow]:
     extensions = {"." + e for e in IMAGE_EXTENSIONS}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()  # deterministic walk order
@@ -80,6 +95,8 @@ def _iter_folder(root: Path) -> Iterator[SourceRow]:
             if image.suffix.lower() not in extensions:
                 continue
             rel = image.relative_to(root).as_posix()
+            folder, _, rest = rel.partition("/")
+            extra = {LABEL_FIELD: folder} if label_from_folder and rest else {}
             caption_file = image.with_suffix(".txt")
             try:
                 caption = caption_file.read_text(encoding="utf-8")
@@ -88,14 +105,17 @@ def _iter_folder(root: Path) -> Iterator[SourceRow]:
                     str(image),
                     None,
                     rel,
+                    extra,
                     error="missing_caption",
                     detail=f"no {caption_file.name} beside the image",
                 )
                 continue
             except (OSError, UnicodeDecodeError) as e:
-                yield SourceRow(str(image), None, rel, error="unreadable_caption", detail=str(e))
+                yield SourceRow(
+                    str(image), None, rel, extra, error="unreadable_caption", detail=str(e)
+                )
                 continue
-            yield SourceRow(str(image), caption, rel)
+            yield SourceRow(str(image), caption, rel, extra)
 
 
 def _pick_column(

@@ -12,6 +12,7 @@ which rows failed or on the number of workers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -35,6 +36,7 @@ from clipforge.data_tools.images import (
     resize_image,
     to_rgb,
 )
+from clipforge.data_tools.outputs import outputs_removed_on_failure
 from clipforge.data_tools.shardformat import (
     MANIFEST_NAME,
     STATS_NAME,
@@ -83,6 +85,9 @@ class WriteConfig:
     """Table column holding image paths (None: guess from common names)."""
     caption_column: str | None = None
     """Table column holding captions (None: guess from common names)."""
+    label_from_folder: bool = False
+    """Folder sources: store each image's class sub-folder (``cats`` for ``SRC/cats/x.jpg``) in
+    its .json as ``category``, the label field ``clipforge-eval zeroshot`` reads."""
     resume: bool = True
     """Keep shards already complete in OUT_DIR instead of rewriting them."""
     log_failures: int = 20
@@ -142,12 +147,33 @@ def write_shards(
     config: WriteConfig = WriteConfig(),
     progress: bool = True,
 ) -> WriteResult:
-    """Write ``src`` (a folder or table, see :mod:`sources`) as shards into ``out_dir``."""
-    out = Path(out_dir)
-    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    """Write ``src`` (a folder or table, see :mod:`sources`) as shards into ``out_dir``.
+
+    A run that fails leaves no folder it created behind unless it holds finished work (complete
+    shards, which a re-run keeps)."""
+    rows = iter_source(src, config.image_column, config.caption_column, config.label_from_folder)
+    # The first row proves the source readable (a missing path, an unknown suffix or column
+    # raise here) before anything is created. An empty source is refused as a whole, not per
+    # part: a part may get no shard at all (more parts than shards) and still writes its (empty)
+    # part manifest, so merge-manifests works.
+    first = next(rows, None)
+    if first is None:
+        raise ValueError(f"source {src} holds no images (nothing to write)")
+    with outputs_removed_on_failure() as created:
+        created.mkdir(Path(out_dir) / RECORDS_DIR)
+        return _write_shards(Path(out_dir), config, progress, first, rows)
+
+
+def _write_shards(
+    out: Path,
+    config: WriteConfig,
+    progress: bool,
+    first: SourceRow,
+    rest: Iterator[SourceRow],
+) -> WriteResult:
     records: dict[int, dict[str, Any]] = {}
     written = reused = 0
-    source = _CountingRows(iter_source(src, config.image_column, config.caption_column))
+    source = itertools.chain([first], rest)
     bar = tqdm(desc="write", unit="img", disable=not progress, dynamic_ncols=True)
     ctx = multiprocessing.get_context("spawn")  # fork + threads (tqdm) can deadlock
     with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
@@ -175,10 +201,6 @@ def write_shards(
             written += 1
         collect(list(pending))
     bar.close()
-    # Counted over the whole source, not this part's rows: a part may get no shard at all (more
-    # parts than shards) and still writes its (empty) part manifest, so merge-manifests works.
-    if source.count == 0:
-        raise ValueError(f"source {src} holds no images (nothing to write)")
 
     ordered = [records[i] for i in sorted(records)]
     manifest = Manifest(
@@ -197,19 +219,6 @@ def write_shards(
     write_json_atomic(out / f"stats{suffix}.json", stats)
     write_json_atomic(manifest_path, manifest.to_json())
     return WriteResult(manifest, stats, written, reused, manifest_path)
-
-
-class _CountingRows:
-    """Pass rows through, counting them."""
-
-    def __init__(self, rows: Iterator[SourceRow]) -> None:
-        self._rows = rows
-        self.count = 0
-
-    def __iter__(self) -> Iterator[SourceRow]:
-        for row in self._rows:
-            self.count += 1
-            yield row
 
 
 def _shard_tasks(
