@@ -113,26 +113,30 @@ def load_checkpoint(path: str | os.PathLike[str], verify: bool = False) -> dict[
 def load_newest_intact(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that verifies, and its state; None when there is none at all.
 
-    A newer one that does not verify (torn or garbled: a disk or copy fault, since writes are
-    atomic) is renamed to ``step-N.pt.corrupt`` with a warning, so that keep-last-K never keeps
-    it in place of intact ones. :class:`NoIntactCheckpoint` when none verifies.
+    Newer ones that do not verify (torn or garbled: a disk or copy fault, since writes are
+    atomic) are renamed to ``step-N.pt.corrupt`` with a warning, so that keep-last-K never keeps
+    them in place of intact ones. When none verifies, :class:`NoIntactCheckpoint` and nothing is
+    renamed (a re-run must not quietly start over).
     """
     found = list_checkpoints(folder)
     if not found:
         return None
-    problems = []
+    corrupt: list[tuple[Path, str]] = []
     for _, path in reversed(found):
         try:
-            return path, load_checkpoint(path, verify=True)
+            state = load_checkpoint(path, verify=True)
         except ValueError as e:
-            problems.append(str(e))
-            aside = path.with_name(path.name + CORRUPT_SUFFIX)
-            os.replace(path, aside)
-            log.warning("%s; renamed it to %s and trying the previous checkpoint", e, aside.name)
+            corrupt.append((path, str(e)))
+            continue
+        for bad, why in corrupt:
+            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            os.replace(bad, aside)
+            log.warning("%s: renamed it to %s and resuming from %s", why, aside.name, path.name)
+        return path, state
     raise NoIntactCheckpoint(
-        f"no intact checkpoint in {folder} (each renamed to *{CORRUPT_SUFFIX}): "
-        + "; ".join(problems)
-        + ": restore one from a copy, or set train.resume=false to start over"
+        f"no intact checkpoint in {folder}: "
+        + "; ".join(why for _, why in corrupt)
+        + ": restore one from a copy, or move them away to start over"
     )
 
 
