@@ -76,6 +76,11 @@ class LoadTestConfig:
     """Bound on the whole run: requests not sent by then are reported as not run."""
     startup_timeout_s: float = 180.0
     """How long a service started by the load test may take to answer ``/health``."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as ``Authorization: Bearer <api_key>`` on every request (a service with a key)."""
+    api_key_file: str | None = None
+    """The file the key came from: a service the load test starts is given it too (else it
+    inherits ``$CLIPFORGE_API_KEY`` from this process's environment)."""
 
     def __post_init__(self) -> None:
         if self.url is None and self.index_dir is None:
@@ -151,11 +156,20 @@ async def _batching(client: httpx.AsyncClient) -> dict[str, Any] | None:
 
 async def _run(config: LoadTestConfig, url: str) -> LoadTestResult:
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=config.timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    async with httpx.AsyncClient(
+        base_url=url, timeout=config.timeout_s, limits=limits, headers=headers
+    ) as client:
         try:
-            (await client.get("/health")).raise_for_status()
+            health = await client.get("/health")
+            health.raise_for_status()
         except httpx.HTTPError as e:
             raise LoadTestError(f"no search service answers at {url}/health ({e})") from None
+        if health.json().get("auth") and not config.api_key:
+            raise LoadTestError(
+                f"the service at {url} requires an API key: give --api-key-file or set "
+                "$CLIPFORGE_API_KEY"
+            )
         before = await _batching(client)
         next_i = 0
         latencies: list[float] = []
@@ -235,14 +249,20 @@ def _free_port() -> int:
 
 @contextmanager
 def started_service(
-    index_dir: str, timeout_s: float = 180.0, log: Callable[[str], None] = print
+    index_dir: str,
+    timeout_s: float = 180.0,
+    log: Callable[[str], None] = print,
+    api_key_file: str | None = None,
 ) -> Iterator[str]:
     """``clipforge-index serve`` for ``index_dir`` in a child process on a free loopback port
-    (its own process, so the load generator does not share its interpreter); yields its URL."""
+    (its own process, so the load generator does not share its interpreter); yields its URL.
+    ``api_key_file``: the service requires that key (``$CLIPFORGE_API_KEY`` is inherited)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "clipforge.index", "serve", "--index", os.fspath(index_dir),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    if api_key_file is not None:
+        cmd += ["--api-key-file", os.fspath(api_key_file)]
     log(f"starting the service: {' '.join(cmd[2:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -276,5 +296,7 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
     if config.url is not None:
         return asyncio.run(_run(config, config.url.rstrip("/")))
     assert config.index_dir is not None
-    with started_service(config.index_dir, config.startup_timeout_s, log) as url:
+    with started_service(
+        config.index_dir, config.startup_timeout_s, log, config.api_key_file
+    ) as url:
         return asyncio.run(_run(config, url))

@@ -26,11 +26,14 @@ the service does one batched encode per model turn instead of one per request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import io
+import hashlib
 import json
 import logging
+import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -45,15 +48,27 @@ import numpy as np
 import pyarrow.parquet as pq
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .embed import read_member_bytes
+from .http_guard import (
+    ApiError,
+    ApiKeyMiddleware,
+    CatchAllMiddleware,
+    RateLimitMiddleware,
+    SecurityHeadersMiddleware,
+    error_body,
+    is_loopback,
+)
+from .image_guard import ImageLimits, decode_query_image
 from .searcher import Hit, Searcher, SearchError
 from .store import METADATA_NAME
 
@@ -97,6 +112,27 @@ class ServerConfig:
     file that decompresses to gigabytes is refused instead of exhausting memory)."""
     max_batch: int = 64
     """Most queued queries encoded together in one forward pass."""
+    max_image_side: int = 16_384
+    """Longest side of an uploaded image in pixels (from the header, before decoding)."""
+    max_image_aspect: float = 20.0
+    """Largest aspect ratio of an uploaded image: the model scales the shorter side up to its
+    input size, so a 200,000 x 1 image would become 44.8 million x 224 pixels."""
+    image_work_side: int = 1024
+    """Images with a shorter side over twice this are reduced (JPEG: decoded at 1/2..1/8 scale)
+    to a shorter side of this .. twice this before the model's own resize."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every route but /health, the page and its assets and the API description needs
+    ``Authorization: Bearer <api_key>``."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed to call the API from their pages (CORS); none by default."""
+    max_requests_per_minute: int | None = None
+    """Requests one client address may make in any 60 s (429 with Retry-After beyond)."""
+    header_timeout_s: float = 10.0
+    """Seconds a request may take to deliver its headers (408 and the connection closed)."""
+    body_timeout_s: float = 60.0
+    """Seconds a search request may take to deliver its body (408 and the connection closed)."""
+    keep_alive_s: float = 5.0
+    """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,9 +141,38 @@ class ServerConfig:
             "max_upload_bytes",
             "max_image_pixels",
             "max_batch",
+            "max_image_side",
+            "image_work_side",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_image_aspect >= 1:
+            raise ValueError(f"max_image_aspect must be >= 1, got {self.max_image_aspect}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_requests_per_minute is not None and self.max_requests_per_minute < 1:
+            raise ValueError(
+                f"max_requests_per_minute must be >= 1, got {self.max_requests_per_minute}"
+            )
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (None turns the key off)")
+        for origin in self.cors_origins:
+            if origin == "*" or not origin.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"CORS origin {origin!r} must be a scheme://host[:port] origin, "
+                    "like https://example.org ('*' is refused: name the origins)"
+                )
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """The bounds on one query image."""
+        return ImageLimits(
+            max_pixels=self.max_image_pixels,
+            max_side=self.max_image_side,
+            max_aspect=self.max_image_aspect,
+            work_side=self.image_work_side,
+        )
 
 
 # ----------------------------------------------------------------------------- API models
@@ -120,7 +185,8 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = Field(None, description="Text query (text -> image / text -> caption).")
-    item: int | str | None = Field(
+    # strict: JSON true or 1.0 is not item 1
+    item: StrictInt | StrictStr | None = Field(
         None,
         description="An indexed item whose stored image is the query ('more like this'): an "
         "integer row id, or a string: the item's key (else a decimal row id; 'key:K' and 'id:N' "
@@ -205,15 +271,6 @@ _SEARCH_BODY = {
         },
     },
 }
-
-
-class ApiError(Exception):
-    """A request the service refuses: HTTP ``status`` with a readable ``detail``."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 # ----------------------------------------------------------------------------- batching
@@ -351,6 +408,21 @@ class QueryBatcher:
 
 # ----------------------------------------------------------------------------- stored items
 
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+_FORM_INT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages quoting client input
+    (a 5,000-digit id or key is named by its start and length; an int too long for ``str()``
+    never reaches ``repr``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"(an integer of about {int(value.bit_length() * 0.30103)} digits)"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(str(value))} characters)"
+
 
 class ItemStore:
     """Row id / key -> metadata and stored image bytes, by random access into the shards.
@@ -387,24 +459,30 @@ class ItemStore:
         (keys are often decimal, e.g. ``0000000133``), else a row id when decimal; ``key:K``
         and ``id:N`` say which explicitly."""
         if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise ApiError(422, f"item must be a row id or a key, got {ref!r}")
+            raise ApiError(422, f"item must be a row id or a key, got {_shown(ref)}")
         if isinstance(ref, str):
             if ref.startswith("key:"):
                 return self._by_key_or_404(ref[4:])
             if ref.startswith("id:"):
                 ref = ref[3:]
-                if not ref.isdecimal():
-                    raise ApiError(422, f"id:{ref} is not a decimal row id")
+                if not _ASCII_DIGITS.fullmatch(ref):
+                    raise ApiError(422, f"id:{_shown(ref)} is not a decimal row id")
             else:
                 i = self._key_index().get(ref)
                 if i is not None:
                     return i
-                if not ref.isdecimal():
-                    raise ApiError(404, f"no item with key {ref!r}")
-        i = int(ref)
-        if not 0 <= i < self.count:
-            raise ApiError(404, f"no item with id {i}: ids are 0..{self.count - 1}")
-        return i
+                if not _ASCII_DIGITS.fullmatch(ref):
+                    raise ApiError(404, f"no item with key {_shown(ref)}")
+            if len(ref.lstrip("0")) > 18:
+                # int() of over 4,300 digits raises; any id this long is out of range anyway
+                raise ApiError(
+                    404,
+                    f"no item with id {ref[:20]}… ({len(ref)} digits): ids are 0..{self.count - 1}",
+                )
+            ref = int(ref)
+        if not 0 <= ref < self.count:
+            raise ApiError(404, f"no item with id {_shown(ref)}: ids are 0..{self.count - 1}")
+        return ref
 
     def _key_index(self) -> dict[str, int]:
         with self._lock:  # built once, on the first key lookup, by whichever thread gets here
@@ -415,7 +493,7 @@ class ItemStore:
     def _by_key_or_404(self, key: str) -> int:
         i = self._key_index().get(key)
         if i is None:
-            raise ApiError(404, f"no item with key {key!r}")
+            raise ApiError(404, f"no item with key {_shown(key)}")
         return i
 
     def has_image(self, i: int) -> bool:
@@ -440,7 +518,9 @@ class ItemStore:
     def hit_out(self, hit: Hit) -> HitOut:
         return HitOut(
             id=hit.id,
-            score=round(hit.score, 6),
+            # Stored float16 vectors are unit length only to ~1e-4, so an item scored against
+            # itself can come out as 1.000036: a cosine similarity is within [-1, 1].
+            score=round(min(1.0, max(-1.0, hit.score)), 6),
             key=hit.key,
             caption=hit.caption,
             source=hit.source,
@@ -451,17 +531,30 @@ class ItemStore:
 # ----------------------------------------------------------------------------- request parsing
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdecimal() and int(declared) > limit:
-        raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {limit}")
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes, and with 408
+    (closing the connection) when it has not all arrived ``timeout_s`` seconds after the headers:
+    a client trickling its body must not hold a connection forever."""
+    close = {"Connection": "close"}  # the rest of the body is not read: the connection is done
+    declared = request.headers.get("content-length", "")
+    if _ASCII_DIGITS.fullmatch(declared) and (len(declared) > 18 or int(declared) > limit):
+        raise ApiError(
+            413, f"request body is {_shown(declared)} bytes; the limit is {limit}", close
+        )
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes", close)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s", close
+        ) from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -480,33 +573,161 @@ def _replay(body: bytes) -> Any:
 
 
 def _validation_message(e: ValidationError | RequestValidationError) -> str:
-    parts = []
+    parts: list[str] = []
     for err in e.errors():
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if loc[:1] == ["item"]:
+            # one sentence for the union's two failures ("item.int: ...; item.str: ...")
+            part = "item: must be an integer row id or a string key (not a bool or float)"
+        else:
+            part = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode uploaded bytes into a loaded PIL image, or raise :class:`ApiError` (400/413)."""
-    if not data:
-        raise ApiError(400, "the uploaded image is empty (0 bytes)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_json_fields(body: bytes) -> dict[str, Any]:
+    """The fields of a JSON search body, or :class:`ApiError` (400 unreadable, 422 not an
+    object)."""
     try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ApiError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-        im.load()
-    except ApiError:
-        raise
-    except UnidentifiedImageError:
-        raise ApiError(400, "the uploaded file is not an image (unrecognised format)") from None
-    except Exception as e:
-        # Untrusted bytes: PIL's decoders raise OSError, SyntaxError, ValueError, EOFError,
-        # struct.error, DecompressionBombError... depending on the format. Any of them means
-        # "not an image we can read", which is the client's problem, never a 500.
-        raise ApiError(400, f"the uploaded file is not a decodable image ({e})") from None
-    return im
+        fields = json.loads(body)
+    except RecursionError:
+        raise ApiError(
+            400, "the body is not valid JSON for this service: nested too deeply"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except ValueError:
+        # json parses integers with int(), which refuses over 4,300 digits (sys.int_info)
+        raise ApiError(
+            400, "the body is not valid JSON for this service: a number of over 4,300 digits"
+        ) from None
+    if not isinstance(fields, dict):
+        raise ApiError(422, 'the JSON body must be an object like {"text": "..."}')
+    return fields
+
+
+def _check_unicode(fields: dict[str, Any]) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no UTF-8 encoder (the
+    tokenizer, the response) accepts: refuse them as the client's error."""
+    for name, value in fields.items():
+        if isinstance(value, str) and (m := _SURROGATE.search(value)):
+            raise ApiError(
+                422,
+                f"{name if name.isidentifier() else _shown(name, 40)}: not valid Unicode text "
+                "(a lone surrogate "
+                f"\\u{ord(m.group()):04x} at position {m.start()})",
+            )
+
+
+async def _parse_form_fields(
+    request: Request, body: bytes, config: ServerConfig
+) -> tuple[dict[str, Any], bytes | None, str | None]:
+    """``(fields, uploaded image bytes, file name)`` of a multipart or urlencoded search."""
+    form = await Request(request.scope, _replay(body)).form(
+        max_files=1, max_fields=8, max_part_size=4 * config.max_text_chars + 1024
+    )
+    fields: dict[str, Any] = {}
+    upload: bytes | None = None
+    filename: str | None = None
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != "image":
+                    raise ApiError(422, f"unexpected file field {_shown(name)} (send 'image')")
+                upload, filename = await value.read(), value.filename
+            elif name == "image":
+                raise ApiError(422, "image must be a file upload (curl: -F image=@FILE)")
+            elif name == "k":
+                # form fields are text: an ASCII integer becomes one; anything else ("--5",
+                # 5,000 digits, "ten") stays text and fails validation as "not an integer"
+                fields[name] = int(value) if _FORM_INT.fullmatch(value.strip()) else value
+            elif name in SearchRequest.model_fields:
+                fields[name] = value
+            else:
+                raise ApiError(422, f"unexpected form field {_shown(name)}")
+    finally:
+        await form.close()
+    if filename is not None and _SURROGATE.search(filename):
+        filename = filename.encode("utf-8", "replace").decode("utf-8")
+    return fields, upload, filename
+
+
+async def _search_request(state: _State, request: Request) -> SearchResponse:
+    """POST /search: parse (JSON or multipart), validate, queue for the model, answer."""
+    t0 = time.perf_counter()
+    config, searcher, items = state.config, state.searcher, state.items
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await _read_body(request, config.max_upload_bytes, config.body_timeout_s)
+    upload: bytes | None = None
+    filename: str | None = None
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        fields, upload, filename = await _parse_form_fields(request, body, config)
+    elif content_type == "application/json" or (not content_type and body):
+        fields = _parse_json_fields(body)
+    else:
+        raise ApiError(
+            415,
+            f"unsupported content type {_shown(content_type or '(none)')}: send "
+            "application/json or multipart/form-data",
+        )
+    _check_unicode(fields)
+    try:
+        req = SearchRequest.model_validate(fields)
+    except ValidationError as e:
+        raise ApiError(422, _validation_message(e)) from None
+    max_k = state.max_k
+    if req.k > max_k:
+        raise ApiError(
+            422,
+            f"k: must be between 1 and {max_k} (the index holds {searcher.count} items, "
+            f"the service returns at most {config.max_k})",
+        )
+    given = [
+        n for n, v in (("text", req.text), ("item", req.item), ("image", upload)) if v is not None
+    ]
+    if len(given) != 1:
+        raise ApiError(
+            422,
+            "give exactly one query: text, item, or an image upload"
+            + (f" (got {', '.join(given)})" if given else ""),
+        )
+    if req.target not in searcher.targets:
+        raise ApiError(422, f"target: this index has no {req.target} index ({searcher.targets})")
+
+    limits = config.image_limits
+    if req.text is not None:
+        text = req.text.strip()
+        if not text:
+            raise ApiError(422, "text: the query is empty")
+        if len(text) > config.max_text_chars:
+            raise ApiError(
+                422, f"text: {len(text)} characters; the limit is {config.max_text_chars}"
+            )
+        query = QueryOut(type="text", text=text)
+        hits = await _search(state, "text", text, req.k, req.target)
+    elif req.item is not None:
+        i = await asyncio.to_thread(items.resolve, req.item)  # 1st key lookup builds a map
+        data, _ = await asyncio.to_thread(items.image, i)
+        image = await asyncio.to_thread(decode_query_image, data, limits)
+        query = QueryOut(type="item", item=i)
+        hits = await _search(state, "image", image, req.k, req.target)
+    else:
+        assert upload is not None
+        image = await asyncio.to_thread(decode_query_image, upload, limits)
+        query = QueryOut(type="image", filename=filename)
+        hits = await _search(state, "image", image, req.k, req.target)
+    took = (time.perf_counter() - t0) * 1000
+    return SearchResponse(
+        query=query,
+        target=req.target,
+        k=req.k,
+        took_ms=round(took, 2),
+        hits=[items.hit_out(h) for h in hits],
+    )
 
 
 # ----------------------------------------------------------------------------- the app
@@ -519,6 +740,8 @@ class _State:
     items: ItemStore
     batcher: QueryBatcher
     started: float
+    max_k: int
+    """Largest k a request may ask for: ``max_k`` capped by the collection size."""
 
 
 def web_dir() -> Path:
@@ -538,8 +761,9 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
     for target in searcher.targets:
         searcher.search_text("warm up", k=1, target=target)
     searcher.search_image(Image.new("RGB", (8, 8)), k=1, target=searcher.targets[0])
-    state = _State(config, searcher, items, QueryBatcher(searcher, config.max_batch), time.time())
     max_k = min(config.max_k, searcher.count)
+    batcher = QueryBatcher(searcher, config.max_batch)
+    state = _State(config, searcher, items, batcher, time.time(), max_k)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -551,20 +775,15 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
         summary=f"Text and image search over {index_dir.name} ({searcher.count} items)",
         version="1",
         lifespan=lifespan,
+        # /docs is served below with a Content-Security-Policy that admits its CDN scripts
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.clipforge = state
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_message(e)}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(e.detail)}, status_code=e.status_code)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    _add_guards(app, config)
 
     # ------------------------------------------------------------------ search
 
@@ -577,103 +796,7 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
         summary="Search by text, uploaded image, or indexed item",
     )
     async def search(request: Request) -> SearchResponse:
-        t0 = time.perf_counter()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            body = await _read_body(request, config.max_upload_bytes)
-        except ClientDisconnect:
-            raise ApiError(400, "the client disconnected before sending the whole body") from None
-        upload: bytes | None = None
-        filename: str | None = None
-        if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            form = await Request(request.scope, _replay(body)).form(
-                max_files=1, max_fields=8, max_part_size=4 * config.max_text_chars + 1024
-            )
-            fields: dict[str, Any] = {}
-            try:
-                for name, value in form.multi_items():
-                    if isinstance(value, UploadFile):
-                        if name != "image":
-                            raise ApiError(422, f"unexpected file field {name!r} (send 'image')")
-                        upload, filename = await value.read(), value.filename
-                    elif name == "image":
-                        raise ApiError(422, "image must be a file upload (curl: -F image=@FILE)")
-                    elif name == "k" and value.strip().lstrip("-").isdecimal():
-                        fields[name] = int(value)  # form fields are text
-                    elif name in SearchRequest.model_fields:
-                        fields[name] = value
-                    else:
-                        raise ApiError(422, f"unexpected form field {name!r}")
-            finally:
-                await form.close()
-        elif content_type == "application/json" or (not content_type and body):
-            try:
-                fields = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the body is not valid JSON ({e})") from None
-            if not isinstance(fields, dict):
-                raise ApiError(422, 'the JSON body must be an object like {"text": "..."}')
-        else:
-            raise ApiError(
-                415,
-                f"unsupported content type {content_type or '(none)'!r}: send application/json "
-                "or multipart/form-data",
-            )
-        try:
-            req = SearchRequest.model_validate(fields)
-        except ValidationError as e:
-            raise ApiError(422, _validation_message(e)) from None
-        if req.k > max_k:
-            raise ApiError(
-                422,
-                f"k: must be between 1 and {max_k} (the index holds {searcher.count} items, "
-                f"the service returns at most {config.max_k})",
-            )
-        given = [
-            n
-            for n, v in (("text", req.text), ("item", req.item), ("image", upload))
-            if v is not None
-        ]
-        if len(given) != 1:
-            raise ApiError(
-                422,
-                "give exactly one query: text, item, or an image upload"
-                + (f" (got {', '.join(given)})" if given else ""),
-            )
-        if req.target not in searcher.targets:
-            raise ApiError(
-                422, f"target: this index has no {req.target} index ({searcher.targets})"
-            )
-
-        if req.text is not None:
-            text = req.text.strip()
-            if not text:
-                raise ApiError(422, "text: the query is empty")
-            if len(text) > config.max_text_chars:
-                raise ApiError(
-                    422, f"text: {len(text)} characters; the limit is {config.max_text_chars}"
-                )
-            query = QueryOut(type="text", text=text)
-            hits = await _search(state, "text", text, req.k, req.target)
-        elif req.item is not None:
-            i = await asyncio.to_thread(items.resolve, req.item)  # 1st key lookup builds a map
-            data, _ = await asyncio.to_thread(items.image, i)
-            image = await asyncio.to_thread(decode_image, data, config.max_image_pixels)
-            query = QueryOut(type="item", item=i)
-            hits = await _search(state, "image", image, req.k, req.target)
-        else:
-            assert upload is not None
-            image = await asyncio.to_thread(decode_image, upload, config.max_image_pixels)
-            query = QueryOut(type="image", filename=filename)
-            hits = await _search(state, "image", image, req.k, req.target)
-        took = (time.perf_counter() - t0) * 1000
-        return SearchResponse(
-            query=query,
-            target=req.target,
-            k=req.k,
-            took_ms=round(took, 2),
-            hits=[items.hit_out(h) for h in hits],
-        )
+        return await _search_request(state, request)
 
     # ------------------------------------------------------------------ items
 
@@ -715,8 +838,14 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
                 "max_image_pixels": config.max_image_pixels,
             },
             "batching": state.batcher.stats.to_dict(),
+            "auth": config.api_key is not None,
+            "max_requests_per_minute": config.max_requests_per_minute,
             "uptime_s": round(time.time() - state.started, 1),
         }
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return _docs_page(app)
 
     static = web_dir()
 
@@ -726,6 +855,64 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
 
     app.mount("/static", StaticFiles(directory=static), name="static")
     return app
+
+
+def _json_error(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    # error_body escapes non-ASCII: a detail quoting a client's lone surrogate still encodes
+    return Response(error_body(detail), status, headers, media_type="application/json")
+
+
+async def _api_error(request: Request, e: ApiError) -> Response:
+    return _json_error(e.status, e.detail, e.headers)
+
+
+async def _invalid(request: Request, e: RequestValidationError) -> Response:
+    return _json_error(422, _validation_message(e))
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+    return _json_error(e.status_code, str(e.detail), dict(e.headers or {}))
+
+
+def _add_guards(app: FastAPI, config: ServerConfig) -> None:
+    """The middleware stack of :mod:`clipforge.index.http_guard`, innermost first (Starlette's
+    ``add_middleware`` puts each new one outside the previous)."""
+    app.add_middleware(CatchAllMiddleware)
+    if config.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=config.api_key)
+    if config.max_requests_per_minute is not None:
+        app.add_middleware(RateLimitMiddleware, per_minute=config.max_requests_per_minute)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    app.add_middleware(SecurityHeadersMiddleware)
+
+
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+
+
+def _docs_page(app: FastAPI) -> HTMLResponse:
+    """FastAPI's Swagger UI page, with a Content-Security-Policy admitting exactly what it loads:
+    its scripts and stylesheet from the CDN FastAPI names, and its one inline script by hash."""
+    page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+                               title=f"{app.title} - Swagger UI")  # fmt: skip
+    html = bytes(page.body).decode("utf-8")
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.encode("utf-8")).digest()).decode() + "'"
+        for m in _INLINE_SCRIPT.findall(html)
+    )
+    cdn = "https://cdn.jsdelivr.net"
+    csp = (
+        f"default-src 'none'; script-src {cdn} {hashes}; style-src {cdn}; "
+        f"img-src 'self' data: {cdn} https://fastapi.tiangolo.com; connect-src 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    )
+    return HTMLResponse(html, headers={"Content-Security-Policy": csp})
 
 
 async def _search(
@@ -740,14 +927,42 @@ async def _search(
 # ----------------------------------------------------------------------------- running
 
 
+def uvicorn_config(app: FastAPI, **kwargs: Any) -> Any:
+    """uvicorn's settings for ``app``: its header deadline protocol, keep-alive and h11 limits
+    from the app's :class:`ServerConfig`, quiet logs. ``kwargs`` go to ``uvicorn.Config``."""
+    import uvicorn
+
+    from .http_timeouts import protocol_class
+
+    config: ServerConfig = app.state.clipforge.config
+    return uvicorn.Config(
+        app,
+        http=protocol_class(config.header_timeout_s),
+        timeout_keep_alive=config.keep_alive_s,
+        # request line + headers over 16 KiB: 400 (h11 buffers at most this for one event)
+        h11_max_incomplete_event_size=16 * 1024,
+        log_level="warning",
+        access_log=False,
+        **kwargs,
+    )
+
+
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
+    if config.api_key is None and not is_loopback(host):
+        print(
+            f"WARNING: serving on {host}, reachable from other machines, without an API key: "
+            "anyone who can connect can search the collection and read every image "
+            "(--api-key-file F or $CLIPFORGE_API_KEY requires one)",
+            file=sys.stderr,
+            flush=True,
+        )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {config.index_dir} on http://{shown}:{port}/ (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port)).run()
 
 
 @contextlib.contextmanager
@@ -760,7 +975,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iter
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -785,8 +1000,9 @@ __all__ = [
     "SearchResponse",
     "ServerConfig",
     "create_app",
-    "decode_image",
+    "decode_query_image",
     "running_server",
     "serve",
+    "uvicorn_config",
     "web_dir",
 ]
