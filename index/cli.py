@@ -116,17 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("serve", help="HTTP search API and web page over an index")
-    p.add_argument("--index", required=True, help="INDEX_DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", help="query model (default: the index's model_source)")
-    p.add_argument("--device", default="cpu")
+    p = sub.add_parser(
+        "serve",
+        help="HTTP search API and web page over an index",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--index", required=True, help="INDEX_DIR to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this "
+                   "machine only; any other without an API key prints a warning)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--model", help="query model (None: the index's model_source)")
+    p.add_argument("--device", default="cpu", help="device of the query model")
     p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for")
     p.add_argument("--max-batch", type=int, default=64, help="queries encoded per forward pass")
-    p.add_argument(
-        "--max-upload-mb", type=float, default=10.0, help="largest request body (image upload)"
-    )
+    p.add_argument("--max-upload-mb", type=float, default=10.0,
+                   help="largest request body in MiB (an image upload)")  # fmt: skip
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest uploaded image in pixels (read from its header)")  # fmt: skip
+    p.add_argument("--api-key-file", help="file holding the API key that every route but "
+                   "/health, the page and the API docs then requires (Authorization: Bearer "
+                   "KEY); None: $CLIPFORGE_API_KEY if set, else no key")  # fmt: skip
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="an origin (https://host[:port]) whose pages may call the API; "
+                   "repeatable; none: CORS off")  # fmt: skip
+    p.add_argument("--max-requests-per-minute", type=int, metavar="N",
+                   help="requests one client address may make in any minute (429 beyond); "
+                   "None: no limit")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a request may take to send its headers (408)")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a search may take to send its body (408)")  # fmt: skip
+    p.add_argument("--keep-alive", type=float, default=5.0, metavar="S",
+                   help="seconds an idle kept-alive connection stays open")  # fmt: skip
 
     p = sub.add_parser(
         "bench", help="index build/recall/QPS benchmark vs autofaiss (PEERS.md clustered data)"
@@ -155,16 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
 
     # --- loadtest (index/loadtest.py) ---------------------------------------------------------
-    p = sub.add_parser("loadtest", help="N concurrent text searches: errors, p50/p99, requests/s")
+    p = sub.add_parser(
+        "loadtest",
+        help="N concurrent text searches: errors, p50/p99, requests/s",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="base URL of a running service")
     where.add_argument("--index", help="INDEX_DIR: start a service for it on a loopback port")
-    p.add_argument("--requests", type=int, default=500, help="requests in all (default 500)")
-    p.add_argument("--concurrency", type=int, default=16, help="in flight at once (default 16)")
-    p.add_argument("-k", type=int, default=10, help="results per search (default 10)")
-    p.add_argument("--target", choices=("image", "text"), default="image")
+    p.add_argument("--requests", type=int, default=500, help="requests in all")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    p.add_argument("-k", type=int, default=10, help="results per search")
+    p.add_argument("--target", choices=("image", "text"), default="image",
+                   help="search the image index or the caption index")  # fmt: skip
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the run, seconds")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--api-key-file", help="file holding the service's API key, sent as "
+                   "Authorization: Bearer KEY (and given to a service the load test starts); "
+                   "None: $CLIPFORGE_API_KEY if set, else no key")  # fmt: skip
+    p.add_argument("--json", help="also write the figures to this file (None: do not)")
     return parser
 
 
@@ -255,6 +284,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
+        from .http_guard import load_api_key
         from .server import ServerConfig, serve
     except ImportError as e:  # fastapi/uvicorn are only needed by the service
         raise ValueError(f"serve needs the server dependencies (fastapi, uvicorn): {e}") from None
@@ -265,6 +295,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_batch=args.max_batch,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels,
+        api_key=load_api_key(args.api_key_file),
+        cors_origins=tuple(args.cors_origin),
+        max_requests_per_minute=args.max_requests_per_minute,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.keep_alive,
     )
     serve(config, host=args.host, port=args.port)
     return 0
@@ -326,11 +363,14 @@ def _cmd_bench_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from .http_guard import load_api_key
     from .loadtest import LoadTestConfig, run_loadtest
 
     config = LoadTestConfig(
         url=args.url,
         index_dir=args.index,
+        api_key=load_api_key(args.api_key_file),
+        api_key_file=args.api_key_file,
         requests=args.requests,
         concurrency=args.concurrency,
         k=args.k,
