@@ -359,6 +359,8 @@ class ShardStream(IterableDataset):
     (tokens, or the list of captions when no tokenizer is given), ``caption``, ``key``, ``url``,
     ``meta`` (each sample's parsed .json or None), ``skipped`` (counts by reason since the
     previous batch of this worker), ``worker`` and ``consumed`` (for :class:`StreamPosition`).
+    In a DataLoader worker, :class:`ShardsUnreadableError` arrives as a last batch holding its
+    message under ``error`` (which :class:`ShardLoader` raises), not as a wrapped traceback.
     """
 
     def __init__(

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipforge.data_tools.cliutil import DefaultsHelpFormatter, subparser_class
+
 PROG = "clipforge-eval"
 
 
@@ -27,7 +29,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         default=None,
         help="open_clip model name or model-config JSON, for a plain weights file",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: the GPU when there is one)",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -36,27 +43,36 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         required=True,
         help="SHARDS (folder of .tar, brace pattern, glob, '::'-joined) or an image folder",
     )
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers per rank")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--limit", type=int, default=None, help="read at most N samples per rank")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32, or bf16/fp16 autocast (GPU speed; figures move by ~0.1-0.5 points)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="read at most N samples per rank (default: all)"
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument(
         "--compare",
         nargs="+",
         metavar="RESULT.json",
         help="print result files side by side (same as the compare command)",
     )
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=subparser_class())
 
     r = sub.add_parser("retrieval", help="image<->text Recall@K, mean/median rank")
     _add_model(r)
     _add_data(r)
-    r.add_argument("--k", default="1,5,10", help="K values of Recall@K (default 1,5,10)")
+    r.add_argument("--k", default="1,5,10", help="K values of Recall@K, comma-separated")
     r.add_argument(
         "--image-id-field",
         default=None,
@@ -74,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INDEX_DIR",
         help="also measure R@K through this built index (beside the exact figure)",
     )
-    r.add_argument("--query-block", type=int, default=1024)
-    r.add_argument("--cand-block", type=int, default=16384)
+    r.add_argument(
+        "--query-block", type=int, default=1024, help="queries scored per block (memory bound)"
+    )
+    r.add_argument(
+        "--cand-block",
+        type=int,
+        default=16384,
+        help="candidates scored per block (memory bound; figures do not depend on it)",
+    )
     r.add_argument("--plot", default=None, metavar="PNG", help="Recall@K curves as a PNG")
 
     z = sub.add_parser("zeroshot", help="zero-shot classification: top-1/top-5, per-class recall")
@@ -98,43 +121,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample .json field holding the label (default: category; image "
         "folders: the class sub-folder)",
     )
-    z.add_argument("--k", default="1,5", help="top-K accuracies (default 1,5)")
+    z.add_argument("--k", default="1,5", help="top-K accuracies, comma-separated")
 
     i = sub.add_parser("index", help="index recall vs exact search, QPS, latency, memory")
-    i.add_argument("--index", required=True, metavar="INDEX_DIR")
     i.add_argument(
-        "--queries", type=int, default=1000, help="held-out cross-modal queries (default 1000)"
+        "--index", required=True, metavar="INDEX_DIR", help="an index built by clipforge-index"
     )
-    i.add_argument("--k", type=int, default=10)
+    i.add_argument("--queries", type=int, default=1000, help="held-out cross-modal queries")
+    i.add_argument("--k", type=int, default=10, help="recall@k of the index vs exact search")
     i.add_argument(
         "--single-queries",
         type=int,
         default=200,
         help="queries timed one at a time (latency percentiles)",
     )
-    i.add_argument("--json", default=None, metavar="OUT")
+    i.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
 
     c = sub.add_parser("compare", help="print result files side by side")
-    c.add_argument("results", nargs="+", metavar="RESULT.json")
+    c.add_argument(
+        "results", nargs="+", metavar="RESULT.json", help="result files written with --json"
+    )
 
     pl = sub.add_parser("plot", help="PNG of Recall@K curves (result files) or training curves")
     pl.add_argument("inputs", nargs="+", help="result JSON files, or one run directory")
-    pl.add_argument("--out", required=True, metavar="PNG")
+    pl.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
 
     cb = sub.add_parser(
         "compare-clip-benchmark",
         help="same checkpoint and data through CLIP_benchmark, side by side",
     )
     _add_model(cb)
-    cb.add_argument("--data", required=True)
-    cb.add_argument("--k", default="1,5,10")
+    cb.add_argument(
+        "--data", required=True, help="SHARDS (folder of .tar, brace pattern, glob, '::'-joined)"
+    )
+    cb.add_argument("--k", default="1,5,10", help="K values of Recall@K")
     cb.add_argument(
         "--classnames",
         default=None,
         help="also compare zero-shot classification with these class names",
     )
-    cb.add_argument("--label-field", default="category")
-    cb.add_argument("--templates", default=None)
+    cb.add_argument(
+        "--label-field", default="category", help="sample .json field holding the label"
+    )
+    cb.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates file, one per line with {c}; default: ImageNet's 80",
+    )
     cb.add_argument(
         "--peer-python",
         default="/work/peers/clipbench/bin/python",
@@ -145,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the converted data goes (default: a temporary folder)",
     )
-    cb.add_argument("--batch-size", type=int, default=256)
-    cb.add_argument("--json", default=None, metavar="OUT")
+    cb.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch")
+    cb.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
     return parser
 
 
@@ -177,11 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ShardSpecError,
         ManifestError,
         ConfigError,
-        FileNotFoundError,
+        OSError,  # a path that cannot be written or read: the message names it
         ValueError,
     )
+    from clipforge.data_tools.outputs import outputs_removed_on_failure
+
     try:
-        return _run(args, command)
+        # A failed command leaves no output (nor output folder) it created.
+        outputs = [getattr(args, name, None) for name in ("json", "plot", "out")]
+        with outputs_removed_on_failure(outputs) as created:
+            if getattr(args, "work_dir", None) and args.command == "compare-clip-benchmark":
+                created.mkdir(args.work_dir, scratch=True)
+            return _run(args, command)
     except expected as e:
         return _error(str(e))
     except ImportError as e:
@@ -197,6 +237,8 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
         return 0
     if args.command == "plot":
         return _plot(args)
+    if getattr(args, "plot", None):
+        rep.require_plotting()  # fail now, not after the evaluation
     if args.command == "index":
         from clipforge.eval.index_quality import IndexQualityConfig, run_index_quality
 

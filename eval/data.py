@@ -99,6 +99,13 @@ def is_image_folder(data: str) -> bool:
     return "::" not in data and p.is_dir() and not any(p.glob("*.tar"))
 
 
+def label_field_of(data: str, cfg: EvalDataConfig) -> str:
+    """Where a sample's class label is read: ``cfg.label_field``, else ``category`` in a shard
+    sample's .json (what ``clipforge-data write --label-from-folder`` stores), else an image
+    folder's class sub-folder (``folder``)."""
+    return cfg.label_field or ("folder" if is_image_folder(data) else "category")
+
+
 def data_manifest(data: str) -> dict[str, Any]:
     """What was evaluated: the SHARDS spec with each source's manifest (shard names, sample
     counts, sha256), or an image folder's file count."""
@@ -196,7 +203,8 @@ class _FolderDataset(torch.utils.data.Dataset):
         path = self.files[i]
         rel = path.relative_to(self.root).as_posix()
         parts = rel.split("/")
-        meta: dict[str, Any] = {"source": rel, "folder": parts[0] if len(parts) > 1 else ""}
+        # The class sub-folder; an image directly in the root has none (no label).
+        meta: dict[str, Any] = {"source": rel, "folder": parts[0] if len(parts) > 1 else None}
         txt = path.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
         try:
@@ -414,7 +422,7 @@ def embed_eval_set(
             if line:
                 captions.append(line)
                 text_image.append(img)
-    label_field = cfg.label_field or ("folder" if is_image_folder(data) else "category")
+    label_field = label_field_of(data, cfg)
     text_emb = None
     if texts:
         # Each rank embeds a contiguous slice of the captions; gathered back in order.

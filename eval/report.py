@@ -223,12 +223,22 @@ def format_report(report: dict[str, Any]) -> str:
             f"data  {data['spec']}"
             + (f" ({data['samples']} samples)" if data.get("samples") else "")
         )
+    head += format_skipped(data.get("skipped") or {})
     body = {
         "retrieval": format_retrieval,
         "zeroshot": format_zeroshot,
         "index": format_index,
     }.get(str(task), lambda x: json.dumps(x, indent=2))(m)
     return "\n".join([*head, body])
+
+
+def format_skipped(skipped: dict[str, int]) -> list[str]:
+    """One console line per reason samples were skipped (most first)."""
+    return [
+        f"skipped {n} sample(s): {reason.replace('_', ' ')}"
+        for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n
+    ]
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -283,20 +293,40 @@ def plot_recall_curves(
 ) -> Path:
     """Recall@K against K for each run and direction (retrieval results), as a PNG."""
     plt = _pyplot()
+    return _save(recall_figure(reports, names), plt, out)
+
+
+def recall_figure(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
+    """The matplotlib figure of :func:`plot_recall_curves`: one panel per direction, K on a log
+    axis whose ticks are the K values measured (1, 5, 10, ...), not powers of ten."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, d in zip(axes, ("text_to_image", "image_to_text"), strict=True):
+        measured: set[int] = set()
         for r, name in zip(reports, names, strict=True):
             m = r.get("metrics", {}).get("exact", r.get("metrics", {})).get(d, {})
             ks = sorted(int(k[2:]) for k in m if k.startswith("R@") and k[2:].isdigit())
             if ks:
                 ax.plot(ks, [100 * m[f"R@{k}"] for k in ks], marker="o", label=name)
+                measured.update(ks)
         ax.set_xscale("log")
+        if measured:
+            ticks = sorted(measured)
+            ax.set_xticks(ticks, [str(k) for k in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())  # no unlabelled 2..9 x 10^n ticks
         ax.set_xlabel("K")
         ax.set_title(d.replace("_", " "))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("Recall@K (%)")
     axes[0].legend()
-    return _save(fig, plt, out)
+    return fig
+
+
+def require_plotting() -> None:
+    """Raise :class:`ReportError` now if plots cannot be made (before a long evaluation)."""
+    _pyplot()
 
 
 def read_metrics_jsonl(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

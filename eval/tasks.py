@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from clipforge.eval.data import EvalDataConfig, data_manifest, embed_eval_set
+from clipforge.eval.data import (
+    EmbeddedSet,
+    EvalDataConfig,
+    EvalDataError,
+    data_manifest,
+    embed_eval_set,
+    is_image_folder,
+    label_field_of,
+)
 from clipforge.eval.report import make_report
 from clipforge.eval.retrieval import RetrievalConfig, evaluate_retrieval, index_retrieval
 from clipforge.eval.zeroshot import (
@@ -83,6 +91,30 @@ def run_retrieval(
     )
 
 
+def _check_labels(data: str, emb: EmbeddedSet, field: str) -> None:
+    """Zero-shot needs every image's class: say which field is missing and how to fill it."""
+    missing = [k for k, lab in zip(emb.image_keys, emb.labels, strict=True) if lab is None]
+    if not missing:
+        return
+    if is_image_folder(data):
+        raise EvalDataError(
+            f"{data}: {len(missing)} of {len(emb.labels)} images have no class: put each "
+            f"image in a sub-folder named after its class (e.g. {data}/cats/{missing[0]})"
+        )
+    which = (
+        "no sample has"
+        if len(missing) == len(emb.labels)
+        else (f"{len(missing)} of {len(emb.labels)} samples (e.g. {missing[0]}) have")
+    )
+    raise EvalDataError(
+        f"{data}: {which} a class label in the field {field!r} of its .json; zero-shot needs "
+        f"one per sample: write the shards from class sub-folders with `clipforge-data write "
+        f'FOLDER SHARDS --label-from-folder` (stores "category"), or name the field that '
+        f"holds it with --label-field (--classnames FILE sets the class names and their order, "
+        f"but the labels must be in the data)"
+    )
+
+
 def run_zeroshot(
     model: str | LoadedModel,
     data: str,
@@ -106,6 +138,7 @@ def run_zeroshot(
     emb = embed_eval_set(
         loaded.model, loaded.tokenizer, loaded.image_transforms(), data, data_cfg, info, texts=False
     )
+    _check_labels(data, emb, label_field_of(data, data_cfg))
     if names is None:
         names = sorted({str(x) for x in emb.labels if x is not None})
     with torch.no_grad():
