@@ -14,8 +14,15 @@
     GET  /                  the web page (static files from clipforge/index/web/)
 
 Every bad request gets a 4xx with a JSON body ``{"detail": "<one readable sentence>"}``: a k
-outside 1..min(count, max_k), an empty or over-long text, an upload over the size limit, bytes
-that are not an image, an unknown item. A 500 means a bug.
+outside 1..min(count, max_k), an empty or over-long text, a lone surrogate, a number past
+Python's int-string limit, JSON nested too deeply, an upload over the size limit, bytes that are
+not an image, an image whose size would cost too much work (:mod:`.image_guard`), an unknown
+item. A 500 means a bug; it is logged with its traceback and answered as JSON too.
+
+Around the routes (:mod:`.http_guard`): security headers and a Content-Security-Policy on every
+response, CORS for named origins only, an optional API key (``Authorization: Bearer``), an
+optional per-client rate limit. Under uvicorn (:func:`uvicorn_config`): a deadline for request
+headers (:mod:`.http_timeouts`), one for the search body, and uvicorn's keep-alive timeout.
 
 The model runs on one dedicated thread (torch modules are not safe to call concurrently, and on
 a CPU one forward pass already uses every core). Queries that arrive while it is busy wait in a

@@ -1,10 +1,69 @@
 // clipforge search page: plain JavaScript against the service's JSON API (POST /search,
 // GET /items/{id}/image, GET /health). No build step: this file is served as-is.
+//
+// A service started with an API key answers 401 without "Authorization: Bearer KEY". The page
+// then asks for the key once, keeps it in sessionStorage (this tab only, gone when it closes)
+// and sends it on every request. An <img src> cannot carry that header, so with a key the
+// result images are fetched with it and shown from blob: URLs.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
+const KEY_STORAGE = "clipforge-api-key";
 // again: repeats the current query (with the new k / target when those change)
-const state = { maxK: 1000, busy: 0, again: null };
+const state = { maxK: 1000, busy: 0, again: null, key: sessionStorage.getItem(KEY_STORAGE) };
+
+class NeedsKey extends Error {}
+
+function withKey(headers = {}) {
+  return state.key ? { ...headers, Authorization: `Bearer ${state.key}` } : headers;
+}
+
+// fetch() with the key; a 401 opens the key form and throws NeedsKey
+async function api(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: withKey(options.headers) });
+  if (response.status === 401) {
+    askForKey(state.key ? "That key was refused: enter the right one." : "");
+    throw new NeedsKey("this service needs an API key");
+  }
+  return response;
+}
+
+function askForKey(note) {
+  state.key = null;
+  sessionStorage.removeItem(KEY_STORAGE);
+  $("#key-note").textContent = note;
+  $("#key-form").hidden = false;
+  $("#api-key").focus();
+}
+
+function useKey(key) {
+  key = key.trim();
+  if (!key) return;
+  state.key = key;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("#api-key").value = "";
+  $("#key-form").hidden = true;
+  rerun(); // the search that was refused
+}
+
+// Show `url` in `img`: directly, or (with a key) fetched with it and shown as a blob: URL that
+// is released once the image has decoded.
+function setImage(img, url) {
+  if (!state.key || url.startsWith("blob:")) {
+    img.src = url;
+    return;
+  }
+  fetch(url, { headers: withKey() })
+    .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`))))
+    .then((blob) => {
+      const local = URL.createObjectURL(blob);
+      const release = () => URL.revokeObjectURL(local);
+      img.addEventListener("load", release, { once: true });
+      img.addEventListener("error", release, { once: true });
+      img.src = local;
+    })
+    .catch(() => img.dispatchEvent(new Event("error")));
+}
 
 function target() {
   return document.querySelector('input[name="target"]:checked').value;
@@ -16,7 +75,7 @@ function k() {
 
 async function loadInfo() {
   try {
-    const r = await fetch("/health");
+    const r = await fetch("/health"); // public: no key needed
     const h = await r.json();
     state.maxK = h.limits.max_k;
     const hash = h.model_hash ? ` · model ${h.model_hash.slice(0, 8)}` : "";
@@ -37,12 +96,14 @@ async function search(body, describe) {
   showStatus(describe, "searching…");
   let response, payload;
   try {
-    response = await fetch("/search", body instanceof FormData
+    response = await api("/search", body instanceof FormData
       ? { method: "POST", body }
       : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
     payload = await response.json();
   } catch (e) {
-    if (ticket === state.busy) showError(`The service did not answer (${e.message}).`);
+    if (ticket !== state.busy) return;
+    if (e instanceof NeedsKey) showError("This service needs an API key: enter it above.");
+    else showError(`The service did not answer (${e.message}).`);
     return;
   } finally {
     if (ticket === state.busy) document.body.classList.remove("loading");
@@ -103,7 +164,7 @@ function describeImage(src, label) {
   const span = document.createElement("span");
   span.className = "chip";
   const img = document.createElement("img");
-  img.src = src;
+  img.dataset.src = src; // set on each copy showStatus makes (a blob: URL is per element)
   img.alt = "";
   span.append(img, document.createTextNode(label));
   return span;
@@ -112,7 +173,9 @@ function describeImage(src, label) {
 function showStatus(describe, note) {
   const status = $("#status");
   status.className = "status";
-  status.replaceChildren(describe.cloneNode(true));
+  const shown = describe.cloneNode(true);
+  for (const img of shown.querySelectorAll("img[data-src]")) setImage(img, img.dataset.src);
+  status.replaceChildren(shown);
   const small = document.createElement("span");
   small.className = "muted";
   small.textContent = note;
@@ -143,9 +206,9 @@ function render(hits) {
     const img = document.createElement("img");
     img.loading = rank < 24 ? "eager" : "lazy";
     img.decoding = "async";
-    img.src = hit.image_url;
     img.alt = hit.caption;
     img.onerror = () => frame.classList.add("broken");
+    setImage(img, hit.image_url);
     frame.append(img);
 
     const caption = document.createElement("figcaption");
@@ -193,6 +256,10 @@ function rerun() {
 
 document.addEventListener("DOMContentLoaded", () => {
   loadInfo();
+  $("#key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    useKey($("#api-key").value);
+  });
   $("#search-form").addEventListener("submit", (e) => {
     e.preventDefault();
     searchText($("#query").value);

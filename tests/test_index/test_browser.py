@@ -1,5 +1,7 @@
 """The web page in a real headless Chromium: type a query, see the result images load, search by
-clicking a result and by uploading an image; a screenshot is saved to test-artifacts/.
+clicking a result and by uploading an image, all under the service's Content-Security-Policy
+(no violation in the console); against a service with an API key, the page asks for it once
+and shows images fetched with it. A screenshot is saved to test-artifacts/.
 
 Skipped, with the reason, where Chromium, chromedriver or selenium is missing (.ci/run installs
 Debian's chromium and chromium-driver).
@@ -15,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from clipforge.index.searcher import Searcher
 from clipforge.index.server import ServerConfig, create_app, running_server
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -23,7 +26,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -47,9 +50,24 @@ return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
 """
 
 
+KEY = "browser-test-key-42"
+
+
 @pytest.fixture(scope="module")
-def base_url(demo_index: Path) -> Iterator[str]:
-    with running_server(create_app(ServerConfig(str(demo_index)))) as url:
+def searcher(demo_index: Path) -> Searcher:
+    return Searcher.open(demo_index)
+
+
+@pytest.fixture(scope="module")
+def base_url(demo_index: Path, searcher: Searcher) -> Iterator[str]:
+    with running_server(create_app(ServerConfig(str(demo_index)), searcher=searcher)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_url(demo_index: Path, searcher: Searcher) -> Iterator[str]:
+    app = create_app(ServerConfig(str(demo_index), api_key=KEY), searcher=searcher)
+    with running_server(app) as url:
         yield url
 
 
@@ -65,6 +83,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
                 "--window-size=1280,1000", "--hide-scrollbars"):  # fmt: skip
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console, CSP reports
     # An explicit chromedriver: selenium must not try to download one.
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
@@ -76,10 +95,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def _wait(driver: Any, condition: Any, what: str, timeout: float = 60) -> Any:
     try:
-        return WebDriverWait(driver, timeout).until(condition)
+        # a grid re-rendered while the condition reads it: read it again
+        return WebDriverWait(
+            driver, timeout, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(condition)
     except TimeoutException:
         status = driver.find_element(By.ID, "status").text
         raise AssertionError(f"timed out waiting for {what}; status line: {status!r}") from None
+
+
+def _csp_violations(driver: Any) -> list[str]:
+    """Console messages of the page since the last call that report a blocked resource."""
+    return [e["message"] for e in driver.get_log("browser")
+            if "Content Security Policy" in e["message"]]  # fmt: skip
 
 
 def _hit_ids(driver: Any) -> list[int]:
@@ -155,3 +183,46 @@ def test_search_page_in_chromium(browser: Any, base_url: str, tmp_path: Path) ->
     box.send_keys("x" * 1001, Keys.ENTER)
     _wait(d, lambda d: "limit" in d.find_element(By.ID, "status").text, "the error message")
     assert d.find_elements(By.CSS_SELECTOR, ".hit") == []
+    # everything above ran under the page's Content-Security-Policy without a violation
+    assert _csp_violations(d) == []
+
+
+def test_api_key_prompt_in_chromium(browser: Any, keyed_url: str) -> None:
+    d = browser
+    d.get(keyed_url + "/?q=pizza")  # the page (public) searches at once: 401, so it asks
+    form = d.find_element(By.ID, "key-form")
+    _wait(d, lambda d: form.is_displayed(), "the API key form")
+    assert "needs an API key" in d.find_element(By.ID, "status").text
+    assert d.find_elements(By.CSS_SELECTOR, ".hit") == []
+
+    key_box = d.find_element(By.ID, "api-key")
+    key_box.send_keys("not-the-key", Keys.ENTER)
+    _wait(d, lambda d: "refused" in d.find_element(By.ID, "key-note").text, "the refusal")
+    assert form.is_displayed()
+
+    key_box.send_keys(KEY, Keys.ENTER)
+    _wait(d, lambda d: d.execute_script(IMAGES_LOADED), "the result images")
+    assert not form.is_displayed()
+    api = httpx.post(f"{keyed_url}/search", json={"text": "pizza", "k": 24},
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+    assert _hit_ids(d) == [h["id"] for h in api.json()["hits"]]
+    # <img src> cannot send the key: the images were fetched with it and shown as blob: URLs
+    sources = d.execute_script(
+        "return [...document.querySelectorAll('#results .hit img')].map(i => i.src)"
+    )
+    assert sources and all(s.startswith("blob:") for s in sources), sources[:3]
+    assert d.execute_script("return sessionStorage.getItem('clipforge-api-key')") == KEY
+
+    # asked once: a reload and a click search with the kept key, no form
+    d.refresh()
+    _wait(d, lambda d: d.execute_script(IMAGES_LOADED), "the result images after a reload")
+    assert not d.find_element(By.ID, "key-form").is_displayed()
+    first = _hit_ids(d)[0]
+    d.find_elements(By.CSS_SELECTOR, ".hit")[0].click()
+    _wait(d, lambda d: "similar to" in d.find_element(By.ID, "status").text
+          and first in _exact_matches(d), "the 'more like this' results")  # fmt: skip
+    _wait(d, lambda d: d.execute_script(IMAGES_LOADED), "the result images")
+    chip = d.find_element(By.CSS_SELECTOR, "#status .chip img")
+    _wait(d, lambda d: chip.get_attribute("src").startswith("blob:"), "the query chip image")
+    assert not d.find_element(By.ID, "key-form").is_displayed()
+    assert _csp_violations(d) == []
