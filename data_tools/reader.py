@@ -590,15 +590,27 @@ def _set_parent_death_signal() -> None:
 
 
 def worker_dies_with_parent(parent_pid: int, worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn`` (bind ``parent_pid`` with ``functools.partial``): the
+    """DataLoader ``worker_init_fn`` (bind the loader's pid with ``functools.partial``): the
     worker dies with the process that started it, so a killed training or eval job leaves no
     orphan reading shards (a worker blocked on bad data never reaches torch's own between-batch
     parent check)."""
     global _PARENT
-    _PARENT = parent_pid
+    # The direct parent: the loader's process under fork/spawn, a forkserver under forkserver
+    # (which exits with the loader's process, orphaning us just the same).
+    _PARENT = os.getppid()
     _set_parent_death_signal()
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(1)
+    if parent_pid != _PARENT and not _alive(parent_pid):
+        os._exit(1)  # the loader died before the death signal was armed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ShardLoader:
