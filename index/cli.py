@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take to send its headers (408)")  # fmt: skip
     p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
                    help="seconds a search may take to send its body (408)")  # fmt: skip
-    p.add_argument("--keep-alive", type=float, default=5.0, metavar="S",
+    p.add_argument("--keep-alive", type=float, default=15.0, metavar="S",
                    help="seconds an idle kept-alive connection stays open")  # fmt: skip
 
     p = sub.add_parser(

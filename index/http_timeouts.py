@@ -14,12 +14,15 @@ deadline (the search route's body reader).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .http_guard import error_body
+
+log = logging.getLogger(__name__)
 
 _BODY = error_body("the request headers did not arrive in time")
 _RESPONSE_408 = (
@@ -78,6 +81,8 @@ class HeaderDeadlineProtocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         # h11 cannot send a response before it has parsed a request: write it raw, then close.
+        who = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("%s: no complete request headers in %g s: 408, closed", who, self.header_timeout_s)
         self.transport.write(_RESPONSE_408)
         self.transport.close()
 

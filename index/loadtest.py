@@ -155,7 +155,11 @@ async def _batching(client: httpx.AsyncClient) -> dict[str, Any] | None:
 
 
 async def _run(config: LoadTestConfig, url: str) -> LoadTestResult:
-    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=64)
+    # Idle connections are dropped after 2 s, well before any server's keep-alive timeout of
+    # more (the service's default is 15 s): reusing one as the server closes it is a reset.
+    limits = httpx.Limits(
+        max_connections=config.concurrency, max_keepalive_connections=64, keepalive_expiry=2.0
+    )
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     async with httpx.AsyncClient(
         base_url=url, timeout=config.timeout_s, limits=limits, headers=headers

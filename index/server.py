@@ -138,8 +138,11 @@ class ServerConfig:
     """Seconds a request may take to deliver its headers (408 and the connection closed)."""
     body_timeout_s: float = 60.0
     """Seconds a search request may take to deliver its body (408 and the connection closed)."""
-    keep_alive_s: float = 5.0
-    """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
+    keep_alive_s: float = 15.0
+    """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``).
+    Longer than client pools keep idle connections (httpx: 5 s): at uvicorn's default of 5 s
+    both sides time out together, and a client reusing the connection as the server closes it
+    gets a reset (measured: 1 ReadError in a 2,000-request load test)."""
 
     def __post_init__(self) -> None:
         for name in (
