@@ -283,6 +283,33 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
     return switched
 
 
+_POOLED_CLASSES = (
+    PooledResidualAttentionBlock,
+    PooledTextCLIP,
+    PooledTextTransformer,
+    PooledVisionTransformer,
+)
+
+
+def disable_pooled_forward(model: nn.Module) -> list[str]:
+    """Undo :func:`enable_pooled_forward`: every switched module gets open_clip's own class (and
+    forward) back; returns the towers restored (``"image"``, ``"text"``).
+
+    For tracing and export: the pooled text forward groups rows by length on the host, which a
+    traced graph would freeze at the example's lengths.
+    """
+    restored = []
+    for module in model.modules():
+        cls = type(module)
+        if cls in _POOLED_CLASSES:
+            module.__class__ = cls.__bases__[0]
+            if cls is PooledVisionTransformer:
+                restored.append("image")
+            elif cls is not PooledResidualAttentionBlock:
+                restored.append("text")
+    return restored
+
+
 def _pooled_text_tower(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
     """(tower, pool type, EOS id) of a switched text tower of the (unwrapped) model, else None."""
     if isinstance(model, PooledTextCLIP):
