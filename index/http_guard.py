@@ -36,7 +36,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 API_KEY_ENV = "CLIPFORGE_API_KEY"
 """Environment variable holding the API key when no ``--api-key-file`` is given."""
 
-PUBLIC_PATHS = ("/health", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+PUBLIC_PATHS = ("/health", "/", "/docs", "/openapi.json")
 """Paths answered without an API key: they hold no collection data (the page and its assets,
 the status line, the API description)."""
 PUBLIC_PREFIXES = ("/static/",)

@@ -28,7 +28,7 @@ from clipforge.index.cli import main as index_main
 from clipforge.index.http_guard import SlidingWindowLimiter, is_loopback, load_api_key
 from clipforge.index.loadtest import LoadTestConfig, LoadTestError, run_loadtest
 from clipforge.index.searcher import Searcher
-from clipforge.index.server import ServerConfig, create_app, running_server
+from clipforge.index.server import ServerConfig, create_app, running_server, serve
 
 KEY = "test-key-0123456789abcdef"
 
@@ -403,6 +403,23 @@ def test_serve_option_errors_and_the_open_host_warning(
     assert "'*' is refused" in capsys.readouterr().err
     assert all(map(is_loopback, ("127.0.0.1", "127.5.0.1", "::1", "[::1]", "localhost")))
     assert not any(map(is_loopback, ("0.0.0.0", "::", "192.168.1.4", "example.org")))
+
+
+def test_open_host_without_a_key_warns(
+    demo_index: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    ran: list[Any] = []
+    # stop at the point of binding: this test must not listen on a non-loopback address
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: ran.append(self.config))
+    serve(ServerConfig(str(demo_index)), host="0.0.0.0", port=8000)
+    err = capsys.readouterr().err
+    assert "WARNING: serving on 0.0.0.0" in err and "without an API key" in err
+    assert ran[0].host == "0.0.0.0" and ran[0].timeout_keep_alive == 15.0
+    for host, key in (("127.0.0.1", None), ("0.0.0.0", KEY)):
+        serve(ServerConfig(str(demo_index), api_key=key), host=host, port=8000)
+        assert "WARNING" not in capsys.readouterr().err
 
 
 def test_loadtest_sends_the_key(demo_index: Path, searcher: Searcher, tmp_path: Path,
