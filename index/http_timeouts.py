@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 _BODY = error_body("the request headers did not arrive in time")
 _RESPONSE_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY
-)
+    b"x-content-type-options: nosniff\r\ncontent-length: " + str(len(_BODY)).encode()
+    + b"\r\n\r\n" + _BODY
+)  # fmt: skip
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -75,6 +76,18 @@ class HeaderDeadlineProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (or headers over its size limit), as
+        JSON like every other error instead of plain text."""
+        body = error_body(f"invalid HTTP request: {msg}")
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"x-content-type-options", b"nosniff")]  # fmt: skip
+        event = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+        self.transport.write(self.conn.send(event) or b"")
+        self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+        self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+        self.transport.close()
 
     def _headers_late(self) -> None:
         self._header_timer = None

@@ -262,6 +262,14 @@ def _exchange(url: str, data: bytes, wait_s: float = 15.0) -> bytes:
 
 def _status_and_body(raw: bytes) -> tuple[int, dict[str, Any]]:
     head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        chunks = []
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            n = int(size, 16)
+            chunks.append(rest[:n])
+            body = rest[n + 2 :] if n else b""
+        body = b"".join(chunks)
     return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
@@ -283,6 +291,16 @@ def test_partial_headers_time_out(impatient_url: str) -> None:
             rest += chunk
     status, body = _status_and_body(rest)
     assert status == 408 and "headers did not arrive" in body["detail"]
+
+
+def test_unparseable_requests_get_a_json_400(impatient_url: str) -> None:
+    # headers still incomplete past h11's 16 KiB buffer: refused, not buffered further
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+    for sent in (b"NOT HTTP AT ALL\r\n\r\n", huge):
+        raw = _exchange(impatient_url, sent)
+        status, body = _status_and_body(raw)
+        assert status == 400 and body["detail"].startswith("invalid HTTP request"), raw[:300]
+        assert b"application/json" in raw.split(b"\r\n\r\n")[0]
 
 
 def test_slow_body_times_out(impatient_url: str) -> None:
