@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,17 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def _dead_here(holder: dict[str, Any] | None) -> bool:
+    """``holder`` names a process of this host that no longer runs."""
+    pid = holder.get("pid") if holder else None
+    return (
+        holder is not None
+        and holder.get("host") == socket.gethostname()
+        and isinstance(pid, int)
+        and not _pid_alive(pid)
+    )
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
@@ -95,13 +107,18 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     folder cannot be written at all."""
     path = run_dir / LOCK_NAME
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": _now()})
-    for _ in range(20):
+    patience = time.monotonic() + 10
+    for _ in range(100):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _parse_holder(os.pread(fd, 4096, 0))
             os.close(fd)
+            if _dead_here(holder) and time.monotonic() < patience:
+                # killed, but its forked data workers share the lock until they follow it
+                time.sleep(0.2)
+                continue
             raise RunDirBusy(
                 f"train.run_dir {run_dir} is in use by another trainer ({_describe(holder)}; "
                 f"lock file {path}): wait for it to finish or stop it, or use another "
@@ -151,9 +168,8 @@ def _acquire_exclusive(path: Path, me: str, run_dir: Path) -> RunLock:
                 holder = _parse_holder(path.read_bytes())
             except FileNotFoundError:
                 continue
-            here = holder is not None and holder.get("host") == socket.gethostname()
-            pid = holder.get("pid") if holder else None
-            if here and isinstance(pid, int) and not _pid_alive(pid):
+            if _dead_here(holder):
+                assert holder is not None
                 _took_over(path, holder)
                 path.unlink(missing_ok=True)
                 continue

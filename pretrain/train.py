@@ -6,6 +6,7 @@ Everything is counted in optimizer steps and samples seen. Rank 0 writes; every 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -250,66 +251,70 @@ class Trainer:
         window = _Window()
         progress = self._progress()
         loss_value = float("nan")
-        while self.step < tc.steps:
-            lr = lr_at(self.schedule, self.step)  # the rate this step uses
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t_data = time.perf_counter() - t0
-            images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
-            texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
-            # per caption, from the host copy: no device sync for a metric
-            text_positions = batch_text_positions(unwrap(self.model), batch["text"])
-            out = forward_backward(
-                self.model,
-                images,
-                texts,
-                self.loss_fn,
-                accum_steps=tc.accum_steps,
-                autocast=self.autocast,
-                no_sync=getattr(self.model, "no_sync", None),
-                grad_scaler=self.scaler,
-            )
-            loss_value = float(out["loss"])
-            grad_norm = self._clip_gradients()
-            bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-            if all_reduce_max(float(bad), self.info) > 0:  # every rank skips the same step
-                self.nonfinite_steps += 1
-                consecutive_bad += 1
-                log.warning(
-                    "step %d: non-finite loss %.4g / grad norm %.4g: step skipped",
-                    self.step + 1,
-                    loss_value,
-                    grad_norm,
+        try:
+            while self.step < tc.steps:
+                lr = lr_at(self.schedule, self.step)  # the rate this step uses
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t_data = time.perf_counter() - t0
+                images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
+                texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
+                # per caption, from the host copy: no device sync for a metric
+                text_positions = batch_text_positions(unwrap(self.model), batch["text"])
+                out = forward_backward(
+                    self.model,
+                    images,
+                    texts,
+                    self.loss_fn,
+                    accum_steps=tc.accum_steps,
+                    autocast=self.autocast,
+                    no_sync=getattr(self.model, "no_sync", None),
+                    grad_scaler=self.scaler,
                 )
-                if consecutive_bad >= tc.max_nonfinite:
-                    raise TrainingAborted(
-                        f"{consecutive_bad} consecutive steps with a non-finite loss or gradient "
-                        f"norm (last: loss {loss_value}, grad norm {grad_norm}) at step "
-                        f"{self.step + 1}: lower optim.lr, use precision bf16/fp32, or check data"
+                loss_value = float(out["loss"])
+                grad_norm = self._clip_gradients()
+                bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+                if all_reduce_max(float(bad), self.info) > 0:  # every rank skips the same step
+                    self.nonfinite_steps += 1
+                    consecutive_bad += 1
+                    log.warning(
+                        "step %d: non-finite loss %.4g / grad norm %.4g: step skipped",
+                        self.step + 1,
+                        loss_value,
+                        grad_norm,
                     )
-                if self.scaler is not None:
-                    self.scaler.update()
-            else:
-                consecutive_bad = 0
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    if consecutive_bad >= tc.max_nonfinite:
+                        raise TrainingAborted(
+                            f"{consecutive_bad} consecutive steps with a non-finite loss or "
+                            f"gradient norm (last: loss {loss_value}, grad norm {grad_norm}) at "
+                            f"step {self.step + 1}: lower optim.lr, use precision bf16/fp32, or "
+                            "check data"
+                        )
+                    if self.scaler is not None:
+                        self.scaler.update()
                 else:
-                    self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._clamp_logit_scale()
-            self.step += 1
-            self.samples_seen += global_batch
-            window.add(global_batch, t_data, time.perf_counter() - t0, text_positions)
-            progress(self.step, loss_value)
-            if self.step % tc.log_every == 0 or self.step == tc.steps:
-                self._log(window.flush(loss_value, out["logit_scale"], grad_norm), lr)
-            if self.eval_callback and tc.eval_every and self.step % tc.eval_every == 0:
-                self._evaluate()
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                self._save_checkpoint(loss_value)
+                    consecutive_bad = 0
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._clamp_logit_scale()
+                self.step += 1
+                self.samples_seen += global_batch
+                window.add(global_batch, t_data, time.perf_counter() - t0, text_positions)
+                progress(self.step, loss_value)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log(window.flush(loss_value, out["logit_scale"], grad_norm), lr)
+                if self.eval_callback and tc.eval_every and self.step % tc.eval_every == 0:
+                    self._evaluate()
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                    self._save_checkpoint(loss_value)
+        finally:
+            batches.close()  # the data workers stop now, also when a step fails
         model_dir = self._export()
         return TrainResult(self.run_dir, self.step, self.samples_seen, loss_value, model_dir)
 
@@ -391,8 +396,16 @@ class Trainer:
         if newest is None:
             return fresh
         path, state = newest
+        positions = state["data_positions"]
+        if len(positions) != self.info.world_size:
+            raise ConfigError(
+                f"{path} was written by {len(positions)} ranks; resuming "
+                f"with {self.info.world_size} would not continue the same data"
+            )
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-        diffs = config_differences(saved, cfg)
+        if not saved:
+            log.warning("%s records no config: the resume cannot check its settings", path)
+        diffs = config_differences(saved, cfg) if saved else {}
         refused = {k: v for k, v in diffs.items() if k not in RESUME_MUTABLE}
         if refused:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -400,12 +413,6 @@ class Trainer:
                 f"cannot resume {path} with different settings ({listed}): they change what "
                 "the checkpoint holds or the data it continues; set them back, or use another "
                 "train.run_dir (settings a resume may change: see the README's pretrain section)"
-            )
-        positions = state["data_positions"]
-        if len(positions) != self.info.world_size:
-            raise ConfigError(
-                f"{path} was written by {len(positions)} ranks; resuming "
-                f"with {self.info.world_size} would not continue the same data"
             )
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         self._state = state
@@ -424,7 +431,17 @@ class Trainer:
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in schedule_changes.items()
             )
             current = lr_at(schedule, step)
-            if not tc.extend_schedule:
+            last = schedule[-1]
+            # a constant rate past its warmup has no decay to restart: it just goes on
+            constant_goes_on = (
+                set(schedule_changes) == {"train.steps"}
+                and last.kind == "constant"
+                and step - last.start >= last.warmup_steps
+            )
+            if constant_goes_on and not tc.extend_schedule:
+                schedule = [*schedule[:-1], dataclasses.replace(last, end=tc.steps)]
+                log.info("%s: the constant rate %.3g goes on to the new end", listed, current)
+            elif not tc.extend_schedule:
                 raise ConfigError(
                     f"resuming {path} at step {step} with {listed} changes the learning-rate "
                     f"schedule (the next step's rate is {current:.3g}): say how it continues, "
@@ -432,14 +449,15 @@ class Trainer:
                     "optim.warmup_steps steps, then decay to the new end) or "
                     "--set train.extend_schedule=continue_lr (decay from it to the new end)"
                 )
-            schedule = extend(schedule, step, cfg, tc.extend_schedule)
-            log.info(
-                "schedule changed at step %d (%s) by train.extend_schedule=%s: %s",
-                step,
-                listed,
-                tc.extend_schedule,
-                schedule[-1].describe(),
-            )
+            else:
+                schedule = extend(schedule, step, cfg, tc.extend_schedule)
+                log.info(
+                    "schedule changed at step %d (%s) by train.extend_schedule=%s: %s",
+                    step,
+                    listed,
+                    tc.extend_schedule,
+                    schedule[-1].describe(),
+                )
         for key, (old, new) in diffs.items():
             if key not in SCHEDULE_KEYS and key != "train.extend_schedule":
                 log.info("resume changes %s: %r -> %r", key, old, new)

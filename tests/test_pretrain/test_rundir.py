@@ -5,6 +5,7 @@ re-running a finished run, extending the schedule, and ``--benchmark`` without i
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -225,7 +226,9 @@ def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        gc.collect()  # a failed write's frames (and file) die now, not at some later collection
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=False)
 
 
 def _one_clear_line(err: str, path: Path) -> None:
@@ -282,6 +285,17 @@ def test_rerunning_a_finished_run_says_so_and_changes_nothing(
     assert "already complete: 6 steps (train.steps=4 asks for fewer)" in out
     assert "nan" not in out
     assert _snapshot(run_copy) == before  # config.yaml, model/, metrics, restarts: untouched
+
+    # killed between the last checkpoint and the export: the re-run only exports
+    from clipforge.pretrain.models import read_state_dict
+
+    shutil.rmtree(run_copy / "model")
+    assert main(_args(demo, run_copy)) == 0
+    assert "already complete" in capsys.readouterr().out
+    exported, reference = read_state_dict(run_copy / "model"), read_state_dict(finished / "model")
+    assert exported.keys() == reference.keys()
+    assert all(exported[k].equal(reference[k]) for k in reference)
+    assert (run_copy / "config.yaml").read_bytes() == before["config.yaml"][0]
 
 
 # ----------------------------------------------------------------------------- 8. schedule
