@@ -24,10 +24,12 @@ Asking for a GPU that FAISS cannot see is an error, never a silent CPU run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipforge.data_tools.atomic import atomic_output
+from clipforge.data_tools.atomic import OutOfSpaceError, atomic_output
 
 from . import store
 
@@ -167,7 +169,12 @@ def read_embeddings_manifest(embeddings_dir: str | os.PathLike[str]) -> dict[str
     path = Path(embeddings_dir) / EMBEDDINGS_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an embeddings directory (run embed)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or altered?): {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != EMBEDDINGS_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {EMBEDDINGS_FORMAT!r}")
     for key in ("dim", "count", "parts", "modalities"):
@@ -195,8 +202,22 @@ class VectorPart:
     """Global id of its first row (parts are concatenated in manifest order)."""
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``x`` (n, D) with each non-zero row rescaled to unit L2 norm.
+
+    Embeddings are stored L2-normalised, but float16 storage rounds each row's norm to within
+    ~1e-4 of 1: indexed as read, an item scored against its own (fresh float32) embedding gave
+    1.00007 for a cosine similarity. Every vector that enters an index or its ground truth goes
+    through here, so inner products are cosines of unit vectors.
+    """
+    x = np.asarray(x, dtype=np.float32)  # (n, D); may be a read-only memory map
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (n, 1)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # zero rows stay zero
+
+
 class VectorSource:
-    """The vectors of one modality: memory-mapped part files addressed by global row id.
+    """The vectors of one modality: memory-mapped part files addressed by global row id,
+    read as float32 unit rows (:func:`unit_rows`).
 
     Nothing here reads more than one chunk (or the requested rows) into RAM at a time.
     """
@@ -258,7 +279,7 @@ class VectorSource:
             for a in range(lo, hi, chunk_size):
                 b = min(a + chunk_size, hi)
                 x = np.ascontiguousarray(arr[a - part.offset : b - part.offset], dtype=np.float32)
-                yield a, x  # (b - a, D) float32
+                yield a, unit_rows(x)  # (b - a, D) float32
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` (any order) as (len(ids), D) float32, read from the mapped parts."""
@@ -272,7 +293,7 @@ class VectorSource:
             if lo < hi:
                 # sorted fancy indexing on a memmap touches only the pages of those rows
                 out[order[lo:hi]] = self._map(part)[sorted_ids[lo:hi] - part.offset]
-        return out
+        return unit_rows(out)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """A seeded random sample of ``min(n, count)`` distinct rows, (n, D) float32."""
@@ -1005,46 +1026,180 @@ def run_build(
         if m not in mods:
             raise ValueError(f"held-out queries given for {m!r}, which is not being indexed")
 
+    # Every input is checked before anything is created: a bad EMB_DIR or query file leaves
+    # no INDEX_DIR behind, and an existing index in OUT stays as it was.
+    queries = {m: _tuning_queries(m, held_out, manifest, sources, emb_dir, config) for m in mods}
+    for part in manifest["parts"]:
+        path = emb_dir / "metadata" / f"metadata_{part['part']}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"metadata part file missing: {path}")
+    model_record = _checked_model_record(emb_dir, manifest, log)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # A stale index.json would describe files about to be replaced: remove it first; the new one
-    # is written last, so an interrupted build leaves no manifest (= not an index).
-    (out / store.MANIFEST_NAME).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    meta_size, meta_sha = write_concatenated_metadata(emb_dir, manifest, out / store.METADATA_NAME)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
 
-    infos: dict[str, Any] = {}
-    for m in mods:
-        if m in held_out:
-            queries = _load_queries(held_out[m], int(manifest["dim"]))
-        else:
-            other = "text" if m == "image" else "image"
-            if other not in available:
-                raise ValueError(
-                    f"cannot tune the {m} index: {emb_dir / EMBEDDINGS_MANIFEST} has no {other} "
-                    "embeddings for cross-modal queries; pass held-out queries "
-                    "(the indexed vectors themselves would overstate recall)"
-                )
-            qsrc = sources[other] if other in sources else open_vectors(emb_dir, other, manifest)
-            nq = min(config.tune_queries, qsrc.count)
-            queries = Queries(
-                qsrc.sample(nq, seed=config.seed + 1), f"{other} embeddings (cross-modal)"
-            )
-        infos[m] = build_modality_index(sources[m], queries, out, m, config, log=log)
-
-    result = {
-        "format": store.INDEX_FORMAT,
-        "model_hash": manifest.get("model_hash"),
-        "model_source": manifest.get("model_source"),
-        "dim": int(manifest["dim"]),
-        "metric": "inner_product",
-        "count": int(manifest["count"]),
-        "created_by": created_by,
-        "embeddings_dir": str(emb_dir.resolve()),
-        "build_seconds": round(time.perf_counter() - t0, 2),
-        "metadata": {"file": store.METADATA_NAME, "sha256": meta_sha, "size_bytes": meta_size},
-        "modalities": infos,
-    }
-    store.write_index_manifest(out, result)
+    # Built in a staging folder inside OUT, moved into place file by file when complete.
+    created = _make_dirs(out)
+    _remove_dead_stages(out)
+    stage = out / f"{STAGE_PREFIX}{os.getpid()}"
+    stage.mkdir()
+    try:
+        t0 = time.perf_counter()
+        meta_size, meta_sha = write_concatenated_metadata(
+            emb_dir, manifest, stage / store.METADATA_NAME
+        )
+        infos = {
+            m: build_modality_index(sources[m], queries[m], stage, m, config, log=log) for m in mods
+        }
+        index_model = None
+        if model_record is not None:
+            index_model = _copy_model(emb_dir, model_record, stage)
+        result = {
+            "format": store.INDEX_FORMAT,
+            "model_hash": manifest.get("model_hash"),
+            "model_source": manifest.get("model_source"),
+            # The query model's own copy (INDEX_DIR/model/): what Searcher.open loads by default.
+            "model": index_model,
+            "dim": int(manifest["dim"]),
+            "metric": "inner_product",
+            "count": int(manifest["count"]),
+            "created_by": created_by,
+            "embeddings_dir": str(emb_dir.resolve()),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+            "metadata": {"file": store.METADATA_NAME, "sha256": meta_sha, "size_bytes": meta_size},
+            "modalities": infos,
+        }
+        store.write_index_manifest(stage, result)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        for d in reversed(created):  # folders this run made, if nothing else is in them
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(e, OutOfSpaceError):
+            raise store.out_of_space_at(e, stage, out) from e
+        raise
+    _install(stage, out)
     log(f"wrote {out / store.MANIFEST_NAME} ({', '.join(f'{m}.index' for m in infos)})")
     return result
+
+
+STAGE_PREFIX = ".build-tmp-"
+
+
+def _tuning_queries(
+    m: str,
+    held_out: Mapping[str, np.ndarray | str | os.PathLike[str]],
+    manifest: Mapping[str, Any],
+    sources: Mapping[str, VectorSource],
+    emb_dir: Path,
+    config: BuildConfig,
+) -> Queries:
+    """The queries that tune modality ``m``'s index: held-out ones, else the other modality's
+    embeddings (cross-modal), never the indexed vectors (which would overstate recall)."""
+    if m in held_out:
+        return _load_queries(held_out[m], int(manifest["dim"]))
+    other = "text" if m == "image" else "image"
+    if other not in manifest["modalities"]:
+        raise ValueError(
+            f"cannot tune the {m} index: {emb_dir / EMBEDDINGS_MANIFEST} has no {other} "
+            "embeddings for cross-modal queries; pass held-out queries "
+            "(the indexed vectors themselves would overstate recall)"
+        )
+    qsrc = sources[other] if other in sources else open_vectors(emb_dir, other, manifest)
+    nq = min(config.tune_queries, qsrc.count)
+    return Queries(qsrc.sample(nq, seed=config.seed + 1), f"{other} embeddings (cross-modal)")
+
+
+def _checked_model_record(emb_dir: Path, manifest: Mapping[str, Any], log: Log) -> dict | None:
+    """embeddings.json's record of the weights embed used, its files checked present."""
+    rec = manifest.get("model")
+    if rec is None:
+        log(
+            f"note: {emb_dir / EMBEDDINGS_MANIFEST} records no copy of its model (made before "
+            "embed kept one): the index will load its model from model_source, "
+            f"{manifest.get('model_source')}, which must not change"
+        )
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict) or not rec["files"]:
+        raise ValueError(f"{emb_dir / EMBEDDINGS_MANIFEST}: malformed 'model' record")
+    if rec.get("model_hash") != manifest.get("model_hash"):
+        raise ValueError(
+            f"{emb_dir / EMBEDDINGS_MANIFEST}: the recorded model's hash "
+            f"{rec.get('model_hash')} is not the embeddings' {manifest.get('model_hash')}"
+        )
+    for rel, f in rec["files"].items():
+        path = emb_dir / rel
+        if not path.is_file() or path.stat().st_size != f.get("size_bytes"):
+            raise FileNotFoundError(
+                f"{path}: the model the embeddings were made with is missing or resized"
+            )
+    return rec
+
+
+def _copy_model(emb_dir: Path, rec: Mapping[str, Any], stage: Path) -> dict[str, Any]:
+    """Hard-link (same file system) or copy EMB_DIR's recorded model into the index, checking
+    each file's sha256 against embeddings.json (so the index gets exactly those weights)."""
+    linked = True
+    for rel, f in rec["files"].items():
+        linked &= store.link_or_copy(emb_dir / rel, stage / rel)
+        size, digest = store.file_record(stage / rel)
+        if (size, digest) != (f["size_bytes"], f["sha256"]):
+            raise ValueError(
+                f"{emb_dir / rel}: sha256 {digest} is not {f['sha256']} recorded in "
+                f"{emb_dir / EMBEDDINGS_MANIFEST}: the model was altered since embed"
+            )
+    return {**rec, "linked": linked}
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the folders it created, outermost first."""
+    missing = []
+    p = path.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_dead_stages(out: Path) -> None:
+    """Staging folders of killed builds (their pid is no longer running)."""
+    for d in out.glob(f"{STAGE_PREFIX}*"):
+        pid = d.name.removeprefix(STAGE_PREFIX)
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Move a complete build from ``stage`` into ``out``: the old ``index.json`` goes first and
+    the new one comes last (so ``out`` is never a manifest over a mix), each file by rename
+    (an open memory map of a replaced file stays valid); then files only the old index used."""
+    old_files: set[str] = set()
+    old_manifest = out / store.MANIFEST_NAME
+    if old_manifest.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            old = store.read_index_manifest(out)
+            old_files = {old["metadata"]["file"]}
+            for info in old["modalities"].values():
+                old_files |= set(info.get("sha256", {}))
+            old_files |= set((old.get("model") or {}).get("files", {}))
+        old_manifest.unlink()
+    new_files = set()
+    for path in sorted(stage.rglob("*")):
+        if path.is_dir() or (path.name == store.MANIFEST_NAME and path.parent == stage):
+            continue
+        rel = path.relative_to(stage)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, out / rel)
+        new_files.add(rel.as_posix())
+    os.replace(stage / store.MANIFEST_NAME, out / store.MANIFEST_NAME)
+    shutil.rmtree(stage, ignore_errors=True)
+    for rel in sorted(old_files - new_files):
+        with contextlib.suppress(OSError):
+            (out / rel).unlink()

@@ -56,22 +56,64 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("embed", help="embed shards into EMB_DIR (image/text .npy + metadata)")
-    p.add_argument("--model", required=True, help="run directory, model/ folder or checkpoint")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run directory, model/ folder or checkpoint (its exact weights are recorded in "
+        "EMB_DIR/model/)",
+    )
     p.add_argument("--data", required=True, help="SHARDS: folder, brace pattern, glob, a::b")
     p.add_argument("--out", required=True, help="output EMB_DIR")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
     p.add_argument(
-        "--modalities", type=_modalities, default=("image", "text"), help="image,text (default)"
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage dtype of the embeddings (default: %(default)s)",
     )
-    p.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda, cuda:N")
     p.add_argument(
-        "--shards-per-part", type=int, default=1, help="shards per part file (unit of resume)"
+        "--batch-size",
+        type=int,
+        default=256,
+        help="samples per forward pass (default: %(default)s)",
     )
-    p.add_argument("--model-name", help="open_clip model name, only for a bare weights file")
-    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto")
-    p.add_argument("--overwrite", action="store_true", help="redo all parts, even complete ones")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="data-loader processes per rank (default: %(default)s)",
+    )
+    p.add_argument(
+        "--modalities",
+        type=_modalities,
+        default=("image", "text"),
+        help="embeddings to write: image, text or image,text (default: image,text)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU if one is visible, else CPU), cpu, cuda, cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shards-per-part",
+        type=int,
+        default=1,
+        help="shards per part file, the unit of resume (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-name",
+        help="open_clip model name, only for a bare weights file (default: read from the model)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="progress display; auto: a bar on a terminal, lines otherwise (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo all parts, even complete ones (default: keep complete parts)",
+    )
 
     p = sub.add_parser("build", help="build FAISS indexes from EMB_DIR into INDEX_DIR")
     p.add_argument("--embeddings", required=True, help="EMB_DIR written by embed")
@@ -79,14 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind",
         default="auto",
-        help="auto, flat, hnsw, ivf_flat, ivf_sqfp16, ivf_sq8, ivf_pq (default auto)",
+        help="auto, flat, hnsw, ivf_flat, ivf_sqfp16, ivf_sq8, ivf_pq (default: %(default)s)",
     )
-    p.add_argument("--memory-budget", help="upper bound on the index size, e.g. 4GB, 512MB")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
+    p.add_argument(
+        "--memory-budget",
+        help="upper bound on the index size, e.g. 4GB, 512MB (default: no bound)",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 vs exact search to tune nprobe/efSearch for (default: %(default)s)",
+    )
     p.add_argument(
         "--modalities", type=_modalities, help="which indexes to build (default: all embedded)"
     )
-    p.add_argument("--num-shards", type=int, help="build in shards merged on disk (IVF kinds)")
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        help="build IVF kinds in N shards merged into on-disk lists (default: one in-RAM build)",
+    )
     p.add_argument(
         "--tune-queries",
         action="append",
@@ -94,27 +148,43 @@ def build_parser() -> argparse.ArgumentParser:
         type=_tune_queries,
         metavar="MODALITY=QUERIES.npy",
         help="held-out (Q, D) query vectors to tune that index's recall with, instead of the "
-        "other modality's embeddings (repeatable)",
+        "other modality's embeddings (repeatable; default: the other modality's embeddings)",
     )
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
-                     help="require FAISS GPU")  # fmt: skip
-    gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU only")
+                     help="require FAISS GPU (default: the GPU when FAISS sees one)")  # fmt: skip
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_false",
+                     help="CPU only (default: the GPU when FAISS sees one)")  # fmt: skip
 
     p = sub.add_parser("search", help="query an index by text or image")
     p.add_argument("--index", required=True, help="INDEX_DIR")
-    p.add_argument("--text", action="append", default=[], help="text query (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="image file query (repeatable)")
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument(
+        "--text", action="append", default=[], help="text query (repeatable; default: none)"
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="image file query (repeatable; default: none)",
+    )
+    p.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     p.add_argument(
         "--target",
         choices=("image", "text"),
         default="image",
-        help="search the image index (default) or the caption index",
+        help="search the image index or the caption index (default: %(default)s)",
     )
-    p.add_argument("--model", help="query model (default: the index's model_source)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--model",
+        help="query model, checked against the index's model hash (default: the copy of its "
+        "model recorded in INDEX_DIR/model/)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="device of the query model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print JSON instead of a table (default: a table)"
+    )
 
     p = sub.add_parser(
         "serve",
@@ -152,28 +222,67 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="index build/recall/QPS benchmark vs autofaiss (PEERS.md clustered data)"
     )
-    p.add_argument("--n", type=int, default=1_000_000, help="database size (quick: 100000)")
-    p.add_argument("--work-dir", default="/tmp/clipforge_index_bench", help="data cache")
-    p.add_argument("--skip-peer", action="store_true", help="do not run autofaiss")
-    p.add_argument("--memory-budget", default="1G")
-    p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--kind", default="auto")
-    p.add_argument("--peer-python", help="python of the autofaiss venv")
-    p.add_argument("--json", help="figures JSON (default WORK_DIR/results.json)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=1_000_000,
+        help="database size; quick: 100000 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default="/tmp/clipforge_index_bench",
+        help="data and index cache (default: %(default)s)",
+    )
+    p.add_argument(
+        "--skip-peer", action="store_true", help="do not run autofaiss (default: run it)"
+    )
+    p.add_argument(
+        "--memory-budget", default="1G", help="index size bound of both (default: %(default)s)"
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 clipforge tunes for (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kind", default="auto", help="clipforge's index kind, as build's (default: %(default)s)"
+    )
+    p.add_argument(
+        "--peer-python",
+        help="python of the autofaiss venv (default: the benchmark's own peer venv)",
+    )
+    p.add_argument("--json", help="figures JSON (default: WORK_DIR/results.json)")
 
     p = sub.add_parser(
         "bench-embed", help="samples/s of embed vs a plain open_clip loop (same settings)"
     )
     p.add_argument("--model", required=True, help="run directory, model/ folder or checkpoint")
     p.add_argument("--data", required=True, help="local uncompressed SHARDS")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="samples per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="data-loader processes (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--modalities", type=_modalities, default=("image", "text"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=2, help="best of N runs each")
+    p.add_argument(
+        "--modalities",
+        type=_modalities,
+        default=("image", "text"),
+        help="towers to run: image, text or image,text (default: image,text)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=2, help="best of N runs each (default: %(default)s)"
+    )
     p.add_argument("--work-dir", help="scratch folder (default: a temporary one)")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--json", help="also write the figures to this file (default: none)")
 
     # --- loadtest (index/loadtest.py) ---------------------------------------------------------
     p = sub.add_parser(

@@ -6,6 +6,7 @@
     text_emb/text_emb_{P}.npy       (n_P, D) caption embeddings, row i = the same sample
     metadata/metadata_{P}.parquet   key, caption, shard, member, offset, size, source (row-aligned)
     parts/part_{P}.json             completion marker of part P (written last, after its files)
+    model/                          the exact weights embedded with (open_clip export), by rank 0
     embeddings.json                 written at the end by rank 0 from the markers
 
 Parts: the shard list (in SHARDS order) is cut into groups of ``shards_per_part`` shards; part
@@ -23,9 +24,11 @@ attributed exactly to the part they came from.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -42,7 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, get_worker_info
 
-from clipforge.data_tools.atomic import atomic_output, remove_stale_temps, write_json_atomic
+from clipforge.data_tools.atomic import (
+    TMP_MARKER,
+    OutOfSpaceError,
+    atomic_output,
+    remove_stale_temps,
+    write_json_atomic,
+)
 from clipforge.data_tools.reader import (
     ReaderConfig,
     ShardSource,
@@ -59,8 +68,16 @@ from clipforge.data_tools.shardformat import (
     split_member_name,
 )
 from clipforge.pretrain.distributed import DistInfo, barrier, init_distributed, shutdown
-from clipforge.pretrain.models import LoadedModel, load_model
+from clipforge.pretrain.models import (
+    OPEN_CLIP_CONFIG_NAME,
+    OPEN_CLIP_WEIGHTS_NAME,
+    LoadedModel,
+    export_open_clip,
+    load_model,
+    resolve_model_config,
+)
 
+from . import store
 from .build import EMB_LAYOUT, EMBEDDINGS_FORMAT, EMBEDDINGS_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -321,8 +338,13 @@ def _metadata_table(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Serialised in memory, then written by Python's file object: np.save into a real file
+    # uses fwrite, whose full-disk failure is an errno-less "N requested and M written" that
+    # atomic_output could not tell from any other error; a Python write raises ENOSPC.
+    buf = io.BytesIO()
+    np.save(buf, array)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)  # a file object: np.save would append ".npy" to a temp *name*
+        f.write(buf.getbuffer())
 
 
 def _write_part(
@@ -333,7 +355,25 @@ def _write_part(
     members: dict[str, Any],
     run: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write part ``part``'s files atomically, then its marker; return the marker."""
+    """Write part ``part``'s files atomically, then its marker; return the marker. If any
+    write fails (a full disk), the part's files this call already wrote are removed: a part is
+    all its files and its marker, or nothing."""
+    try:
+        return _write_part_files(out, part, shards, buf, members, run)
+    except BaseException:
+        for rel in part_files(part, run["modalities"]):
+            (out / rel).unlink(missing_ok=True)
+        raise
+
+
+def _write_part_files(
+    out: Path,
+    part: int,
+    shards: tuple[str, ...],
+    buf: _PartBuffer,
+    members: dict[str, Any],
+    run: dict[str, Any],
+) -> dict[str, Any]:
     dim, dtype = run["dim"], np.dtype(run["dtype"])
     arrays = {
         "image": np.concatenate(buf.image) if buf.image else np.zeros((0, dim), np.float32),
@@ -549,26 +589,65 @@ def embed(
 def _embed(
     config: EmbedConfig, loaded: LoadedModel | None, info: DistInfo, device_name: str
 ) -> EmbedResult:
+    # Every input is checked (shards listed, model loaded) before anything is created, so a bad
+    # --data or --model leaves no empty EMB_DIR behind.
     urls = [u for src in parse_shard_spec(config.data) for u in src.urls]
     parts = plan_parts(urls, config.shards_per_part)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if info.is_main and config.overwrite:
-        (out / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+    if out.exists() and not out.is_dir():
+        raise EmbedError(f"--out {out} exists and is not a folder")
     if loaded is None:
         # torchrun: the rank's own GPU (info.device); single process: an explicit cuda:N wins.
         device = torch.device(device_name) if device_name.startswith("cuda:") else info.device
         loaded = load_model(config.model, device, config.model_name)
-    device = next(loaded.model.parameters()).device
-    dim = _embed_dim(loaded)
+    # Read now, while the model's source is what was loaded: training may re-export or prune it
+    # before the end of the run, when the weights are recorded.
+    model_cfg = model_config(loaded, config.model_name)
     run = {
         "out": out,
-        "dim": dim,
+        "dim": _embed_dim(loaded),
         "dtype": config.dtype,
         "modalities": list(config.modalities),
         "model_hash": loaded.model_hash,
     }
+    subdirs = [out / d for d in (*(f for f, _ in EMB_LAYOUT.values()), METADATA_DIR, PARTS_DIR)]
+    fresh = [d for d in subdirs if not d.exists()]
+    created = _make_dirs(out)
+    try:
+        if info.is_main and config.overwrite:
+            (out / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+        return _embed_parts(config, loaded, info, out, parts, run, model_cfg)
+    except BaseException:
+        # A failed run leaves no folder it made empty. Complete parts stay (a re-run resumes
+        # from them); partial files never had a final name (atomic_output removed them).
+        if info.is_main:
+            for d in [*fresh, *reversed(created)]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+        raise
 
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the folders it created, outermost first."""
+    missing = []
+    p = path.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _embed_parts(
+    config: EmbedConfig,
+    loaded: LoadedModel,
+    info: DistInfo,
+    out: Path,
+    parts: list[tuple[str, ...]],
+    run: dict[str, Any],
+    model_cfg: dict[str, Any],
+) -> EmbedResult:
+    device = next(loaded.model.parameters()).device
     mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
     kept, todo = [], []
     for p in mine:
@@ -650,11 +729,99 @@ def _embed(
     barrier(info)
     manifest = None
     if info.is_main:
-        manifest = write_embeddings_manifest(out, parts, config, loaded, info.world_size)
+        # Last, after every part: a run that fails earlier spends no time or space on it.
+        record = record_model(out, loaded, model_cfg)
+        manifest = write_embeddings_manifest(out, parts, config, loaded, info.world_size, record)
     barrier(info)  # nobody returns (and e.g. reads embeddings.json) before it exists
     return EmbedResult(
         out, tuple(written), tuple(kept), samples, seconds, dict(skipped), manifest, info.world_size
     )
+
+
+def model_config(loaded: LoadedModel, model_name: str | None = None) -> dict[str, Any]:
+    """The ``open_clip_config.json`` content (``model_cfg``, ``preprocess_cfg``) of a loaded
+    model, read from where :func:`load_model` found it: beside an exported model's weights,
+    from ``model_name``, or inside a clipforge step checkpoint."""
+    src = Path(loaded.source)
+    beside = src.with_name(OPEN_CLIP_CONFIG_NAME)
+    if src.name == OPEN_CLIP_WEIGHTS_NAME and beside.is_file():
+        blob = json.loads(beside.read_text(encoding="utf-8"))
+        return {"model_cfg": blob["model_cfg"], "preprocess_cfg": blob.get("preprocess_cfg", {})}
+    if model_name is not None:
+        return {"model_cfg": resolve_model_config(model_name)[1], "preprocess_cfg": {}}
+    try:  # a step checkpoint: memory-mapped, so its optimizer state is not read
+        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError) as e:
+        raise EmbedError(f"{src}: cannot read the model's config from it ({e})") from None
+    if not (isinstance(obj, dict) and "model_cfg" in obj):
+        raise EmbedError(f"{src}: holds no model_cfg; pass --model-name")
+    return {"model_cfg": obj["model_cfg"], "preprocess_cfg": obj.get("preprocess_cfg", {})}
+
+
+def _existing_record(out: Path, model_hash: str) -> dict[str, Any] | None:
+    """The model record of a previous complete run into ``out`` if it holds these weights."""
+    try:
+        rec = json.loads((out / EMBEDDINGS_MANIFEST).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("model_hash") != model_hash:
+        return None
+    for rel, f in rec.get("files", {}).items():
+        path = out / rel
+        if not path.is_file() or path.stat().st_size != f.get("size_bytes"):
+            return None
+    return rec
+
+
+def record_model(
+    out_dir: str | os.PathLike[str], loaded: LoadedModel, model_cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """Record the exact weights of ``loaded`` in ``OUT/model/`` (an open_clip export) and return
+    the record for ``embeddings.json``: ``{"dir", "model_hash", "linked", "files"}``.
+
+    An exported model's weights file is hard-linked when it is on the same file system (no
+    space used; a later re-export renames a new file over the run's name, leaving these bytes
+    alone), else copied; a checkpoint's weights are exported from memory. Either way the copy
+    is loaded back and must have ``loaded``'s weights hash: if the source changed since it was
+    loaded (training continued), the weights in memory -- the ones that made the embeddings --
+    are exported instead. Written in a temporary folder and renamed: never half a model.
+    """
+    out = Path(out_dir)
+    final = out / store.MODEL_DIR
+    previous = _existing_record(out, loaded.model_hash)
+    if previous is not None:
+        return previous
+    work = out / f".{store.MODEL_DIR}{TMP_MARKER}{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    src = Path(loaded.source)
+    try:
+        linked = False
+        if src.name == OPEN_CLIP_WEIGHTS_NAME and src.is_file():
+            linked = store.link_or_copy(src, work / OPEN_CLIP_WEIGHTS_NAME)
+            write_json_atomic(work / OPEN_CLIP_CONFIG_NAME, model_cfg)
+        if not linked or load_model(work).model_hash != loaded.model_hash:
+            linked = False
+            cfg, pre = model_cfg["model_cfg"], model_cfg.get("preprocess_cfg")
+            export_open_clip(loaded.model, cfg, work, pre)
+            got = load_model(work).model_hash
+            if got != loaded.model_hash:
+                raise RuntimeError(f"exported weights hash {got} != {loaded.model_hash}")
+        old = out / f".{store.MODEL_DIR}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except OutOfSpaceError as e:
+        raise store.out_of_space_at(e, work, final) from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rels = [f"{store.MODEL_DIR}/{n}" for n in (OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME)]
+    return {
+        "dir": store.MODEL_DIR,
+        "model_hash": loaded.model_hash,
+        "linked": linked,
+        "files": store.files_record(out, rels),
+    }
 
 
 def _embed_dim(loaded: LoadedModel) -> int:
@@ -678,8 +845,12 @@ def write_embeddings_manifest(
     config: EmbedConfig,
     loaded: LoadedModel,
     world_size: int = 1,
+    model_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``embeddings.json`` from the parts' markers (every part must be complete)."""
+    """Write ``embeddings.json`` from the parts' markers (every part must be complete).
+
+    ``model_record``: what :func:`record_model` wrote (the exact weights, in ``EMB_DIR/model/``).
+    """
     out = Path(out_dir)
     markers = []
     for p in range(len(parts)):
@@ -698,6 +869,8 @@ def write_embeddings_manifest(
         "model_hash": loaded.model_hash,
         # What the user named (run dir / checkpoint): load_model(model_source) reloads it.
         "model_source": os.path.abspath(config.model),
+        # The weights themselves, as they were when embedded (model_source may change since).
+        "model": model_record,
         "dim": markers[0]["dim"] if markers else _embed_dim(loaded),
         "dtype": config.dtype,
         "modalities": list(config.modalities),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import faiss
 
-from clipforge.data_tools.atomic import atomic_output
+from clipforge.data_tools.atomic import OutOfSpaceError, atomic_output, out_of_space
 
 from . import store
 from .build import Log, VectorSource, _Gpu, add_vectors
@@ -102,9 +102,21 @@ def merge_on_disk(
         lists.push_back(ivf.invlists)
 
     ivfdata_path.unlink(missing_ok=True)
-    ondisk = faiss.OnDiskInvertedLists(merged_ivf.nlist, merged_ivf.code_size, str(ivfdata_path))
-    # shift_ids=False: shards already carry global ids
-    ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
+    try:
+        # FAISS writes the lists file itself, under the name the index will refer to (so not
+        # through atomic_output: callers merge in a work folder and rename the pair into place)
+        ondisk = faiss.OnDiskInvertedLists(
+            merged_ivf.nlist, merged_ivf.code_size, str(ivfdata_path)
+        )
+        # shift_ids=False: shards already carry global ids
+        ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False, False)
+    except BaseException as e:
+        # a full disk surfaces as a bare RuntimeError from FAISS: say so, like atomic_output
+        full = out_of_space(ivfdata_path, ivfdata_path, e)
+        ivfdata_path.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
+        raise
     merged_ivf.ntotal = merged.ntotal = ntotal
     merged_ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # the index owns the lists now
@@ -163,6 +175,8 @@ def build_sharded_on_disk(
             os.fsync(f.fileno())
         os.replace(work / ivfdata_name, d / ivfdata_name)
         os.replace(work / f"{name}.index", d / f"{name}.index")
+    except OutOfSpaceError as e:  # named as the file it was to become, not its work copy
+        raise store.out_of_space_at(e, work, d) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     index = faiss.read_index(

@@ -3,7 +3,7 @@
 ::
 
     from clipforge.index.searcher import Searcher
-    s = Searcher.open("demo-index")                 # the model named in index.json
+    s = Searcher.open("demo-index")                 # the index's own copy of its model
     hits = s.search_text("a red heart", k=10)        # text -> image
     hits = s.search_image("query.png", k=10)         # image -> image
     hits = s.search_image("query.png", target="text")  # image -> caption
@@ -12,7 +12,9 @@
 The query model must be the one whose embeddings the index holds: :meth:`Searcher.open` compares
 its weights hash with ``index.json``'s ``model_hash`` and refuses any other model
 (:class:`ModelMismatchError`), because another model's vectors live in a different space and
-would return confident nonsense.
+would return confident nonsense. By default it loads the index's own copy of that model
+(``INDEX_DIR/model/``, recorded by embed and build), so an index stays searchable after its run
+is trained further (``RUN/model/`` re-exported) or its checkpoint pruned.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from PIL import Image
 from clipforge.data_tools.images import to_rgb
 from clipforge.pretrain.models import LoadedModel, load_model
 
-from .store import MODALITIES, OpenIndex, open_index, read_index_manifest
+from .store import (
+    MODALITIES,
+    MODEL_DIR,
+    IndexIntegrityError,
+    OpenIndex,
+    open_index,
+    read_index_manifest,
+)
 
 ImageQuery = str | os.PathLike[str] | Image.Image
 """An image query: a file path or a PIL image."""
@@ -116,8 +125,9 @@ class Searcher:
         """Open ``index_dir`` (its ``index.json`` is read and its image index loaded now).
 
         ``model``: a run dir / checkpoint path or a :class:`LoadedModel`; checked now against
-        the index's ``model_hash``. None: ``index.json``'s ``model_source``, loaded (and checked)
-        at the first text or image query, so raw-embedding search needs no model file.
+        the index's ``model_hash``. None: the index's own copy of its model (``INDEX_DIR/model/``;
+        for indexes built before it was kept, ``index.json``'s ``model_source``), loaded (and
+        checked) at the first text or image query, so raw-embedding search needs no model file.
         ``mmap``: memory-map the index data instead of reading it into RAM.
         """
         d = Path(index_dir)
@@ -144,17 +154,41 @@ class Searcher:
                 f"{name} is the model the index was built with"
             )
         if loaded.model_hash != expected:
+            own = self._own_model_dir()
+            use = (
+                f"leave the model out to use the index's own copy ({own})"
+                if own is not None
+                else "use that model"
+            )
             raise ModelMismatchError(
                 f"model {name} (weights hash {loaded.model_hash}) is not the model the index "
                 f"{self.index_dir} was built with (hash {expected}, from "
-                f"{self.manifest.get('model_source')}); use that model, or re-embed and rebuild "
-                "with this one"
+                f"{self.manifest.get('model_source')}); {use}, or re-embed and rebuild with "
+                "this one"
             )
+
+    def _own_model_dir(self) -> Path | None:
+        """``INDEX_DIR/model/`` when index.json records the index's copy of its model."""
+        rec = self.manifest.get("model")
+        return self.index_dir / str(rec.get("dir", MODEL_DIR)) if isinstance(rec, dict) else None
 
     @property
     def model(self) -> LoadedModel:
-        """The query model (loaded from ``index.json``'s ``model_source`` on first use)."""
+        """The query model (the index's own copy, else ``model_source``; loaded on first use)."""
         if self._model is None:
+            own = self._own_model_dir()
+            if self._model_spec is None and own is not None:
+                for rel, f in self.manifest["model"].get("files", {}).items():
+                    path = self.index_dir / rel
+                    if not path.is_file() or path.stat().st_size != f.get("size_bytes"):
+                        raise IndexIntegrityError(
+                            f"{path} (the index's copy of its query model) is missing or "
+                            "resized: pass the model explicitly (--model)"
+                        )
+                loaded = load_model(own, self._device)
+                self._check_model(loaded, str(own))
+                self._model = loaded
+                return loaded
             spec = self._model_spec or self.manifest.get("model_source")
             if not spec:
                 raise SearchError(
@@ -258,6 +292,11 @@ class Searcher:
         # Unit queries: scores are cosine similarities whatever the caller's scaling was.
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         scores, ids = opened.index.search(q, int(k))  # (Q, k) each; id -1 = no result
+        if self.manifest.get("metric") == "inner_product":
+            # Unit queries against unit vectors (build renormalises every indexed row): a
+            # cosine, in [-1, 1]. Float32 rounding, and the reconstruction error of lossy codes
+            # (SQ8, PQ), can still put a near-duplicate a hair past 1: clamp, keeping the order.
+            np.clip(scores, -1.0, 1.0, out=scores)
         return self._hits(opened, scores, ids)
 
     @overload

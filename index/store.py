@@ -7,6 +7,9 @@ Layout of ``INDEX_DIR`` (the contract shared with embed/searcher/cli)::
     image.index        FAISS index built from the image embeddings (text -> image search)
     text.index         FAISS index built from the text embeddings (image -> text search)
     *.ivfdata          on-disk inverted lists of a merged (sharded) index, if any
+    model/             the exact query-model weights the embeddings were made with (an open_clip
+                       export: open_clip_config.json + open_clip_pytorch_model.bin), so the index
+                       stays searchable when its run is trained further or its checkpoint pruned
 
 Every file that :func:`open_index` loads is checked against the size and sha256 recorded in
 ``index.json`` first, so a truncated, altered or missing file fails with
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +30,19 @@ import faiss
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+from clipforge.data_tools.atomic import (
+    OutOfSpaceError,
+    atomic_output,
+    temp_path_for,
+    write_json_atomic,
+)
 from clipforge.data_tools.shardformat import sha256_file
 
 INDEX_FORMAT = "clipforge-index/1"
 MANIFEST_NAME = "index.json"
 METADATA_NAME = "metadata.parquet"
 MODALITIES = ("image", "text")
+MODEL_DIR = "model"
 
 
 class IndexIntegrityError(ValueError):
@@ -110,6 +120,48 @@ def write_index_manifest(index_dir: str | os.PathLike[str], manifest: dict[str, 
     path = Path(index_dir) / MANIFEST_NAME
     write_json_atomic(path, manifest)
     return path
+
+
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+    """Put ``src``'s bytes at ``dst`` (replaced atomically): a hard link when both are on one
+    file system (no space used), else a copy. Returns True when linked.
+
+    A link shares the file, not a name: the writers that replace ``src`` later (a re-export of
+    a run's ``model/``) rename a new file over it, which leaves the linked bytes as they were.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system (EXDEV), or one without hard links: copy
+        with atomic_output(dst) as out:
+            shutil.copyfile(src, out)
+        return False
+    os.replace(tmp, dst)
+    return True
+
+
+def files_record(root: str | os.PathLike[str], rels: list[str]) -> dict[str, dict[str, Any]]:
+    """``{rel: {"size_bytes", "sha256"}}`` of files under ``root`` (as manifests store them)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rel in rels:
+        size, digest = file_record(Path(root) / rel)
+        out[rel] = {"size_bytes": size, "sha256": digest}
+    return out
+
+
+def out_of_space_at(
+    e: OutOfSpaceError, staging: str | os.PathLike[str], final: str | os.PathLike[str]
+) -> OutOfSpaceError:
+    """``e`` re-addressed from a file in the ``staging`` folder to its place under ``final``:
+    the user is told the name they asked for, not a temporary one."""
+    try:
+        rel = Path(e.path).relative_to(staging)
+    except ValueError:
+        return e
+    return OutOfSpaceError(Path(final) / rel, e.free_bytes, e.written_bytes)
 
 
 def write_faiss_index(index: faiss.Index, path: str | os.PathLike[str]) -> tuple[int, str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clipforge.index import build, store
-from clipforge.index.build import BuildConfig, plan_index, run_build
+from clipforge.index.build import BuildConfig, plan_index, run_build, unit_rows
 
 from .synthetic import load_all, normalize, write_synthetic_embeddings
 
@@ -83,7 +83,7 @@ def test_measured_recall_is_reproducible(emb_dir: Path, tmp_path: Path) -> None:
     opened = store.open_index(tmp_path / "idx", "image")
     assert faiss.extract_index_ivf(opened.index).nprobe == info["search_params"]["nprobe"]
     _, found = opened.index.search(q, 10)
-    truth = _exact_top10(load_all(emb_dir, "image"), q)
+    truth = _exact_top10(normalize(load_all(emb_dir, "image")), q)  # the indexed unit rows
     assert build.recall_at_k(found, truth) == pytest.approx(info["measured_recall_at_10"], abs=1e-4)
 
 
@@ -119,7 +119,9 @@ def test_sqfp16_stores_float16_embeddings_exactly(emb_dir: Path, tmp_path: Path)
     ivf = faiss.extract_index_ivf(index)
     assert not ivf.by_residual
     ivf.make_direct_map()
-    np.testing.assert_array_equal(index.reconstruct_n(0, 12000), load_all(emb_dir, "image"))
+    # the rows are renormalised in float32 (unit_rows), then stored in float16 with no other loss
+    expected = unit_rows(load_all(emb_dir, "image")).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(index.reconstruct_n(0, 12000), expected)
 
 
 def test_chunked_build_equals_one_shot(emb_dir: Path, tmp_path: Path) -> None:

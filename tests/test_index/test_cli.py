@@ -139,3 +139,31 @@ def test_build_tunes_with_held_out_queries_from_the_cli(
         main([*argv[:5], "--tune-queries", "video=x.npy"])
     assert exit_info.value.code == 2
     assert "--tune-queries wants image=PATH.npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["embed", "build", "search", "bench", "bench-embed"])
+def test_every_option_has_help_that_shows_its_default(command: str) -> None:
+    """Each option of these subcommands says what it does; each optional one also says what
+    happens when it is not given (its default value, or in words for flags and None)."""
+    import argparse
+
+    from clipforge.index.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices[command]
+    options = [
+        a for a in p._actions if a.option_strings and not isinstance(a, argparse._HelpAction)
+    ]
+    assert options
+    for action in options:
+        name = "/".join(action.option_strings)
+        assert action.help and action.help.strip(), f"{command} {name}: no help text"
+        if action.required:
+            continue
+        rendered = action.help % {**vars(action), "default": action.default, "prog": command}
+        assert "default" in rendered, f"{command} {name}: help does not show the default"
+        if action.default not in (None, False, True, []) and not isinstance(action.default, tuple):
+            assert str(action.default) in rendered, f"{command} {name}: {rendered!r}"
+    text = p.format_help()  # what the user sees: renders without a formatting error
+    assert all(s in text for a in options for s in a.option_strings)

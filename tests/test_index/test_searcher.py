@@ -65,6 +65,29 @@ def test_image_to_image_and_image_to_text(searcher: Searcher, tmp_path: Path) ->
     assert all(h.caption for h in captions[0])
 
 
+def test_an_item_scored_against_itself_is_at_most_1(
+    searcher: Searcher, demo_emb: Path, tmp_path: Path
+) -> None:
+    """ "More like item N" gave 1.000036: float16 storage rounds each row's norm to ~1e-4, so an
+    indexed row scored as if it were longer than a unit vector. Build renormalises the rows and
+    the searcher clamps cosine scores: every item against itself now scores <= 1 and ~1."""
+    from tests.test_index.synthetic import load_all
+
+    stored = load_all(demo_emb, "image")  # (1911, 64) float16 rows, norms 1 +- ~1e-4
+    assert np.abs(np.linalg.norm(stored, axis=1) - 1).max() > 1e-6  # what the bug fed on
+    hits = searcher.search_embeddings(stored, k=1)
+    scores = np.array([h[0].score for h in hits])
+    assert scores.max() <= 1.0 and scores.min() > 0.999
+    # the service's path: the item's stored image bytes, embedded afresh in float32
+    table = pq.read_table(searcher.index_dir / "metadata.parquet")
+    for i in (10, 70, 130):  # items that scored 1.00005..1.00008 against themselves before
+        row = table.slice(i, 1).to_pylist()[0]
+        path = tmp_path / row["member"]
+        path.write_bytes(read_member_bytes(row["shard"], row["offset"], row["size"]))
+        best = searcher.search_image(path, k=1)[0]
+        assert best.score <= 1.0 and best.score == pytest.approx(1.0, abs=2e-3)
+
+
 def test_k_errors_and_k_up_to_the_collection_size(searcher: Searcher) -> None:
     for k, msg in [(0, "k must be >= 1"), (-3, "k must be >= 1"), (1912, "exceeds"),
                    (2.5, "integer")]:  # fmt: skip
@@ -101,15 +124,30 @@ def test_missing_model_source_is_a_clear_error_but_raw_search_works(
 ) -> None:
     import shutil
 
+    # an index built before indexes kept their own model copy: only model_source names it
     copy = tmp_path / "index"
     shutil.copytree(demo_index, copy)
     manifest = json.loads((copy / "index.json").read_text())
     manifest["model_source"] = str(tmp_path / "gone")
+    del manifest["model"]
+    shutil.rmtree(copy / "model")
     (copy / "index.json").write_text(json.dumps(manifest))
     s = Searcher.open(copy)
     hits = s.search_embeddings(np.eye(64, dtype=np.float32)[:2], k=3)
     assert [len(h) for h in hits] == [3, 3]
     with pytest.raises(SearchError, match="does not exist here"):
+        s.search_text("heart")
+
+
+def test_a_missing_model_copy_is_a_clear_error_naming_it(demo_index: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "index"
+    shutil.copytree(demo_index, copy)
+    (copy / "model" / "open_clip_pytorch_model.bin").unlink()
+    s = Searcher.open(copy)  # raw search needs no model
+    assert len(s.search_embeddings(np.eye(64, dtype=np.float32)[0], k=2)[0]) == 2
+    with pytest.raises(ValueError, match=r"model/open_clip_pytorch_model.bin .* --model"):
         s.search_text("heart")
 
 
