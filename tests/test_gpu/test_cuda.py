@@ -6,7 +6,8 @@ on CUDA through ``clipforge-pretrain`` (MFU reported), NCCL with DDP and FSDP2 (
 Tolerances: CUDA fp32 vs CPU fp32 (TF32 off): loss rel 1e-4, gradients within 1e-3 of their
 scale; CUDA bf16 vs CPU fp32: loss rel 2 %, whole-gradient cosine >= 0.99 (as the CPU bf16 tests
 in tests/test_pretrain/test_bf16.py); embeddings GPU (bf16 autocast) vs CPU fp32: row cosine
->= 0.99; eval ranks: GPU == CPU exactly (float64 accumulation).
+>= 0.99; eval ranks: GPU == CPU exactly (float64 accumulation); clipforge-eval R@K on the GPU
+within 3 queries of the CPU's in fp32, 2 points in bf16.
 """
 
 from __future__ import annotations
@@ -180,16 +181,18 @@ def _embed(model_dir: Path, demo: Path, out: Path, device: str) -> Path:
 
 
 def test_embed_search_and_eval_on_gpu_match_cpu(
-    tiny_model_dir: Path, demo: Path, tmp_path: Path
+    trained_demo_run: Path, demo: Path, tmp_path: Path
 ) -> None:
+    """On the session's demo-trained model (on a GPU machine it trains there, in seconds): a
+    model that has learned, so that float rounding does not reorder near-equal scores."""
     import pyarrow.parquet as pq
 
     from clipforge.eval.cli import main as eval_main
     from clipforge.index.cli import main as index_main
     from clipforge.index.searcher import Searcher
 
-    cpu = _embed(tiny_model_dir, demo, tmp_path / "cpu", "cpu")
-    gpu = _embed(tiny_model_dir, demo, tmp_path / "gpu", "cuda")
+    cpu = _embed(trained_demo_run, demo, tmp_path / "cpu", "cpu")
+    gpu = _embed(trained_demo_run, demo, tmp_path / "gpu", "cuda")
     for sub, stem in (("img_emb", "img_emb"), ("text_emb", "text_emb")):
         for part in sorted((cpu / sub).glob("*.npy")):
             a, b = np.load(part), np.load(gpu / sub / part.name)
@@ -215,14 +218,14 @@ def test_embed_search_and_eval_on_gpu_match_cpu(
     figures = {}
     for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
         out = tmp_path / f"eval-{device}-{precision}.json"
-        argv = ["retrieval", "--model", str(tiny_model_dir), "--data", str(demo)]
+        argv = ["retrieval", "--model", str(trained_demo_run), "--data", str(demo)]
         argv += ["--device", device, "--precision", precision, "--json", str(out)]
         assert eval_main(argv) == 0
         figures[device, precision] = json.loads(out.read_text())["metrics"]["exact"]
     for d in ("text_to_image", "image_to_text"):
         for k in (1, 5, 10):
             ref = figures["cpu", "fp32"][d][f"R@{k}"]
-            assert abs(figures["cuda", "fp32"][d][f"R@{k}"] - ref) <= 2 / 1911, (d, k)
+            assert abs(figures["cuda", "fp32"][d][f"R@{k}"] - ref) <= 3 / 1911, (d, k)
             assert abs(figures["cuda", "bf16"][d][f"R@{k}"] - ref) <= 0.02, (d, k)
 
 
