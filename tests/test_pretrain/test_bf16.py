@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEP_ARGS = (
     "--config", "tiny", "--set", "train.steps=1", "--set", "train.log_every=1",
     "--set", "train.progress=lines", "--set", "data.workers=0", "--set", "optim.warmup_steps=0",
+    "--set", "train.device=cpu",  # CPU autocast, on a GPU machine too
 )  # fmt: skip
 
 
