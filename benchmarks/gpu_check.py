@@ -448,26 +448,23 @@ def train_rate(
     return out  # the model and optimizer go with this frame; the caller empties the cache
 
 
-def _with_mfu(rows: list[dict[str, Any]], peak: float | None) -> None:
+def _with_mfu(
+    rows: list[dict[str, Any]], peak: float | None, reference: Sequence[dict[str, Any]] = ()
+) -> None:
     """MFU of each row twice: of the work it did (its own FLOPs) and of open_clip's model FLOPs
     for the same model (the convention that makes tools comparable: work skipped is not
-    counted as done)."""
-    model_flops = {
-        r["model"]: r["flops_per_sample"]
-        for r in rows
-        if r.get("tool") == "open_clip" and r.get("flops_per_sample")
-    }
+    counted as done). Compiled rows take the FLOPs of their eager twin (in ``reference``)."""
+    known = [r for r in [*rows, *reference] if r.get("flops_per_sample")]
+    model_flops = {r["model"]: r["flops_per_sample"] for r in known if r["tool"] == "open_clip"}
     for r in rows:
         if "samples_per_s" not in r:
             continue
         own = r.get("flops_per_sample") or next(
             (
                 x["flops_per_sample"]
-                for x in rows
-                if x.get("model") == r["model"]
-                and x.get("tool") == r["tool"]
-                and x.get("pooled_forward") == r.get("pooled_forward")
-                and x.get("flops_per_sample")
+                for x in known
+                if (x["model"], x["tool"], x.get("pooled_forward"))
+                == (r["model"], r["tool"], r.get("pooled_forward"))
             ),
             None,
         )
@@ -481,7 +478,10 @@ def _with_mfu(rows: list[dict[str, Any]], peak: float | None) -> None:
 
 
 def train_matrix(
-    sizes: Sizes, device: Any, check: Check, variants: Sequence[tuple[str, bool, bool]]
+    sizes: Sizes,
+    device: Any,
+    variants: Sequence[tuple[str, bool, bool]],
+    reference: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Each model x (tool, pooled, compile) variant; an error or OOM in one is recorded."""
     import torch
@@ -516,7 +516,7 @@ def train_matrix(
                 torch.cuda.empty_cache()
             rows.append(row)
             print(f"    {json.dumps(row)}", flush=True)
-    _with_mfu(rows, peak_flops(device))
+    _with_mfu(rows, peak_flops(device), reference)
     return {"rows": rows}
 
 
@@ -861,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eager = [("clipforge", True, False), ("open_clip", True, False)]
         if not args.dry_run:  # the dry run checks the code path once, not every variant
             eager.append(("clipforge", False, False))
-        run("train_synthetic", lambda: train_matrix(sizes, device, check, eager))
+        synthetic = run("train_synthetic", lambda: train_matrix(sizes, device, eager))
         e2e = run("train_e2e", lambda: train_e2e(sizes, device, work, args.dry_run))
         model_dir = next(
             (
@@ -881,7 +881,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("clipforge", False, True),
                 ("open_clip", True, True),
             ]
-            run("train_compile", lambda: train_matrix(sizes, device, check, compiled), min_s=60)
+            eager_rows = synthetic.get("rows", [])
+            matrix = lambda: train_matrix(sizes, device, compiled, eager_rows)  # noqa: E731
+            run("train_compile", matrix, min_s=60)
         subset = DRY_CPU_SUBSET if args.dry_run else CPU_SUBSET
         cpu_args = ["-m", "not gpu", *subset]
         run(
