@@ -81,8 +81,11 @@ def out_of_space(final: Path, tmp: Path, exc: BaseException) -> OutOfSpaceError 
         free = shutil.disk_usage(final.parent).free
     except OSError:
         return None
+    # An OSError with another errno says what went wrong; one without (numpy's "N requested
+    # and M written") is judged by the space left, like any other errno-less failure.
+    said_other = isinstance(exc, OSError) and exc.errno is not None
     if not _errnos(exc) & {errno.ENOSPC, errno.EDQUOT} and (
-        isinstance(exc, OSError | KeyboardInterrupt | SystemExit) or free >= NEARLY_FULL_BYTES
+        said_other or isinstance(exc, KeyboardInterrupt | SystemExit) or free >= NEARLY_FULL_BYTES
     ):
         return None
     try:

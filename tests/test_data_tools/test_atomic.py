@@ -39,6 +39,18 @@ def test_errnoless_failure_on_a_nearly_full_disk_is_out_of_space(
         raise RuntimeError("unexpected pos 576 vs 534")
 
 
+def test_errnoless_oserror_on_a_nearly_full_disk_is_out_of_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # numpy's np.save on a full disk: OSError("... requested and ... written"), no errno.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _: usage._replace(free=0))
+    with pytest.raises(OutOfSpaceError), atomic_output(tmp_path / "a.npy") as tmp:
+        tmp.write_bytes(b"x")
+        raise OSError("4000 requested and 1024 written")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_errors_pass_through_unchanged(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"), atomic_output(tmp_path / "a") as tmp:
         tmp.write_bytes(b"x")
