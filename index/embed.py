@@ -241,8 +241,11 @@ class _PartStream(ShardStream):
         batch_transform: Callable[[torch.Tensor], torch.Tensor] | None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None,
         batch_size: int,
+        sample_counts: dict[str, int | None] | None = None,
     ) -> None:
         urls = tuple(u for _, shards in parts for u in shards)
+        self.expected = dict(sample_counts or {})
+        """Manifest sample count per shard URL (None or absent: unknown)."""
         super().__init__(
             [ShardSource(urls)],
             image_transform,
@@ -258,7 +261,11 @@ class _PartStream(ShardStream):
         for part, shards in self.parts[worker::num_workers]:
             skips = _Skips(self.config.on_error)
             members: dict[str, list[tuple[str, str, int, int]] | None] = {}
-            raw = (s for url in shards for s in _recording_members(url, skips, members))
+            raw = (
+                s
+                for url in shards
+                for s in _recording_members(url, skips, members, self.expected.get(url))
+            )
             seed = (self.config.seed, 0, part, 0)  # eval transforms draw nothing; kept stable
             for batch in self._batches(raw, skips, worker, 0, seed):
                 batch["part"] = part
@@ -267,7 +274,10 @@ class _PartStream(ShardStream):
 
 
 def _recording_members(
-    url: str, skips: _Skips, members: dict[str, list[tuple[str, str, int, int]] | None]
+    url: str,
+    skips: _Skips,
+    members: dict[str, list[tuple[str, str, int, int]] | None],
+    expected: int | None = None,
 ) -> Iterator[Any]:
     """The reader's raw samples of one shard, recording ``(key, image member, data offset,
     size)`` of each on the way (``("", -1, -1)`` for a sample without an image; the shard's
@@ -275,7 +285,7 @@ def _recording_members(
     read once for both the samples and their offsets."""
     scan: list[tuple[str, str, int, int]] = []
     members[url] = scan
-    for sample in iter_tar_samples(url, skips):
+    for sample in iter_tar_samples(url, skips, expected):
         ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in sample.offsets), None)
         name, offset, size = sample.offsets[ext] if ext is not None else ("", -1, -1)
         if offset < 0 and ext is not None:
@@ -591,7 +601,10 @@ def _embed(
 ) -> EmbedResult:
     # Every input is checked (shards listed, model loaded) before anything is created, so a bad
     # --data or --model leaves no empty EMB_DIR behind.
-    urls = [u for src in parse_shard_spec(config.data) for u in src.urls]
+    sources = parse_shard_spec(config.data)
+    urls = [u for src in sources for u in src.urls]
+    # Manifest sample counts, so that a truncated shard counts the samples it lost, not 1.
+    counts = {u: c for s in sources for u, c in zip(s.urls, s.sample_counts, strict=False)}
     parts = plan_parts(urls, config.shards_per_part)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -616,7 +629,7 @@ def _embed(
     try:
         if info.is_main and config.overwrite:
             (out / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
-        return _embed_parts(config, loaded, info, out, parts, run, model_cfg)
+        return _embed_parts(config, loaded, info, out, parts, run, model_cfg, counts)
     except BaseException:
         # A failed run leaves no folder it made empty. Complete parts stay (a re-run resumes
         # from them); partial files never had a final name (atomic_output removed them).
@@ -646,6 +659,7 @@ def _embed_parts(
     parts: list[tuple[str, ...]],
     run: dict[str, Any],
     model_cfg: dict[str, Any],
+    counts: dict[str, int | None],
 ) -> EmbedResult:
     device = next(loaded.model.parameters()).device
     mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
@@ -680,6 +694,7 @@ def _embed_parts(
             None if on_device else per_batch,
             tokenizer,
             config.batch_size,
+            counts,
         )
         workers = min(config.workers, len(todo))
         loader = DataLoader(

@@ -242,6 +242,29 @@ def test_embed_counts_skipped_samples_and_keeps_offsets_right(
     assert img.shape == (18, 64) and img.dtype == np.float32
 
 
+def test_embed_counts_the_samples_a_truncated_shard_lost(
+    demo: Path, trained_model: LoadedModel, tmp_path: Path
+) -> None:
+    """A shard cut in half under a manifest that knows its size: the samples lost are counted
+    (manifest count - rows embedded), not 1."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shard = data / "emoji-000000.tar"
+    whole = (demo / "emoji-000000.tar").read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    manifest = json.loads((demo / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] == shard.name]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    expected = manifest["shards"][0]["samples"]
+    cfg = EmbedConfig(model="m", data=str(data), out=str(tmp_path / "emb"), workers=0,
+                      progress="none", modalities=("image",), dtype="float32")  # fmt: skip
+    result = embed(cfg, loaded=trained_model)
+    assert result.manifest is not None
+    count = result.manifest["count"]
+    assert 0 < count < expected
+    assert result.manifest["skipped"] == {"truncated_shard": expected - count}
+
+
 def test_embed_refuses_to_mix_parts_of_another_model(
     demo: Path, demo_emb: Path, other_model_dir: Path, tmp_path: Path
 ) -> None:
