@@ -713,9 +713,10 @@ def faiss_build(work: Path, device: Any) -> dict[str, Any]:
         out[where.lstrip("-")] = {"returncode": rc, "seconds": round(time.perf_counter() - t, 2)}
         if rc == 0:
             manifest = json.loads((work / f"index{where}" / "index.json").read_text())
-            out[where.lstrip("-")]["recall"] = {
-                m: v.get("recall") for m, v in manifest.get("modalities", {}).items()
-            } or manifest.get("recall")
+            out[where.lstrip("-")]["indexes"] = {
+                m: {k: v.get(k) for k in ("factory", "device", "measured_recall_at_10")}
+                for m, v in manifest.get("modalities", {}).items()
+            }
     return out
 
 
@@ -785,7 +786,11 @@ def summary(results: dict[str, Any]) -> str:
     s = st.get("faiss", {})
     lines.append(
         f"faiss: {_status(s)}"
-        + (f" gpus={s.get('faiss_gpus')} " + json.dumps(s.get("gpu") or s.get("cpu")) if s else "")
+        + (
+            f" gpus={s.get('faiss_gpus')} " + json.dumps(s.get("gpu") or s.get("cpu"))
+            if s.get("status") == "ok"
+            else ""
+        )
     )
     return "\n".join(lines)
 

@@ -19,11 +19,14 @@ if [[ -z "${CLIPFORGE_GPU_CHECK_SKIP_INSTALL:-}" ]]; then
     # no --break-system-packages on an externally managed python. Without ensurepip, fall back
     # to the python itself.
     VENV=${GPU_CHECK_VENV:-/tmp/clipforge-gpu-check-venv}
+    # (A python that is itself a venv's gives a venv that does not see that venv's torch: then
+    # install into it directly.)
     if "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 \
-        && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        && "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+        && "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
         PY=$VENV/bin/python
     else
-        echo "$(elapsed) no venv (ensurepip missing?): installing into $PY itself"
+        echo "$(elapsed) no usable venv (ensurepip missing, or torch not seen): into $PY itself"
         export PIP_BREAK_SYSTEM_PACKAGES=1
     fi
     pip_install() { "$PY" -m pip install --no-index --disable-pip-version-check -q "$@"; }
