@@ -195,8 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this "
                    "machine only; any other without an API key prints a warning)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--model", help="query model (None: the index's model_source)")
+    p.add_argument("--model", help="query model (None: the index's own copy in "
+                   "INDEX_DIR/model/)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the query model")
+    p.add_argument("--query-encoder", choices=["torch", "onnx", "onnx-int8"], default="torch",
+                   help="what encodes text queries: PyTorch, or the exported ONNX text graph "
+                   "(fp32, or int8 weights) run by onnxruntime")  # fmt: skip
+    p.add_argument("--onnx-export", metavar="DIR", help="with --query-encoder onnx*: the "
+                   "clipforge-export onnx directory of the index's model")  # fmt: skip
     p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for")
     p.add_argument("--max-batch", type=int, default=64, help="queries encoded per forward pass")
     p.add_argument("--max-upload-mb", type=float, default=10.0,
@@ -411,6 +417,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         keep_alive_s=args.keep_alive,
+        query_encoder=args.query_encoder,
+        onnx_export=args.onnx_export,
     )
     serve(config, host=args.host, port=args.port)
     return 0

@@ -20,7 +20,7 @@ is trained further (``RUN/model/`` re-exported) or its checkpoint pruned.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -111,6 +111,9 @@ class Searcher:
         self._device = device
         self._mmap = mmap
         self._indexes: dict[str, OpenIndex] = {}
+        self._text_encoder: Callable[[Sequence[str]], np.ndarray] | None = None
+        self.query_encoder = "torch"
+        """What encodes text queries: ``torch``, ``onnx`` or ``onnx-int8``."""
 
     # ------------------------------------------------------------------ opening
 
@@ -240,12 +243,33 @@ class Searcher:
 
     # ------------------------------------------------------------------ embedding queries
 
+    def use_onnx_text_encoder(
+        self, export_dir: str | os.PathLike[str], int8: bool = False, threads: int | None = None
+    ) -> None:
+        """Encode text queries with an exported ONNX text graph (``clipforge-export onnx``)
+        instead of PyTorch. The export must be of the index's model (its weights hash is
+        checked); image queries still run on the PyTorch model."""
+        from .onnx_encoder import OnnxQueryEncoder
+
+        if not self.model_hash:
+            raise ModelMismatchError(
+                f"{self.index_dir / 'index.json'} records no model_hash: cannot check that "
+                f"{export_dir} exports the model the index was built with"
+            )
+        encoder = OnnxQueryEncoder.open(
+            export_dir, int8_text=int8, threads=threads, expect_model_hash=self.model_hash
+        )
+        self._text_encoder = encoder.encode_text
+        self.query_encoder = "onnx-int8" if int8 else "onnx"
+
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """(Q, D) float32 unit vectors of ``texts``."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise SearchError("no text query given")
+        if self._text_encoder is not None:
+            return self._text_encoder(list(texts))  # (Q, D) unit rows
         m = self.model
         device = next(m.model.parameters()).device
         with torch.inference_mode():

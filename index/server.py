@@ -97,6 +97,9 @@ IMAGE_MEDIA_TYPES = {
 # ----------------------------------------------------------------------------- configuration
 
 
+QUERY_ENCODERS = ("torch", "onnx", "onnx-int8")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one search service (``clipforge-index serve`` flags map onto these)."""
@@ -104,7 +107,8 @@ class ServerConfig:
     index_dir: str
     """The ``INDEX_DIR`` to serve."""
     model: str | None = None
-    """Query model (run dir / model folder / checkpoint); None: the index's ``model_source``."""
+    """Query model (run dir / model folder / checkpoint); None: the index's own copy
+    (``INDEX_DIR/model/``), or ``model_source`` for indexes built before it was kept."""
     device: str = "cpu"
     """Device of the query model."""
     max_k: int = 1000
@@ -138,6 +142,11 @@ class ServerConfig:
     """Seconds a request may take to deliver its headers (408 and the connection closed)."""
     body_timeout_s: float = 60.0
     """Seconds a search request may take to deliver its body (408 and the connection closed)."""
+    query_encoder: str = "torch"
+    """What encodes text queries: ``torch``, or the exported ONNX text graph run by
+    onnxruntime, ``onnx`` (fp32, the same vectors) or ``onnx-int8`` (int8 weights)."""
+    onnx_export: str | None = None
+    """The ``clipforge-export onnx`` directory of the index's model (for ``onnx*``)."""
     keep_alive_s: float = 15.0
     """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``).
     Longer than client pools keep idle connections (httpx: 5 s): at uvicorn's default of 5 s
@@ -164,6 +173,15 @@ class ServerConfig:
         if self.max_requests_per_minute is not None and self.max_requests_per_minute < 1:
             raise ValueError(
                 f"max_requests_per_minute must be >= 1, got {self.max_requests_per_minute}"
+            )
+        if self.query_encoder not in QUERY_ENCODERS:
+            raise ValueError(
+                f"query_encoder must be one of {QUERY_ENCODERS}, got {self.query_encoder!r}"
+            )
+        if self.query_encoder != "torch" and not self.onnx_export:
+            raise ValueError(
+                f"query_encoder {self.query_encoder!r} needs onnx_export: the directory "
+                "clipforge-export onnx wrote for the index's model"
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (None turns the key off)")
@@ -764,6 +782,9 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
     before any port is bound) and runs one warm-up query per target."""
     if searcher is None:
         searcher = Searcher.open(config.index_dir, model=config.model, device=config.device)
+    if config.query_encoder != "torch":
+        assert config.onnx_export is not None  # checked by ServerConfig
+        searcher.use_onnx_text_encoder(config.onnx_export, int8=config.query_encoder == "onnx-int8")
     index_dir = Path(config.index_dir)
     items = ItemStore(index_dir)
     # Load the model and every index now, and run each tower once, so that the first request
@@ -841,6 +862,7 @@ def create_app(config: ServerConfig, searcher: Searcher | None = None) -> FastAP
             "targets": searcher.targets,
             "kinds": {t: m["modalities"][t].get("kind") for t in searcher.targets},
             "model_hash": searcher.model_hash,
+            "query_encoder": searcher.query_encoder,
             "limits": {
                 "max_k": max_k,
                 "max_text_chars": config.max_text_chars,

@@ -224,7 +224,12 @@ class Trainer:
         )
         self.preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
         self.flops = _count_flops_per_sample(model, self.model_cfg)
-        self.model = parallelize(model, config.model, info)
+        # FSDP all-gathers parameters in bf16 under bf16 autocast (half the bytes; the compute
+        # is bf16 anyway) and reduces gradients in float32 (see parallelize).
+        fsdp_bf16 = config.model.fsdp and config.train.precision == "bf16"
+        self.model = parallelize(
+            model, config.model, info, param_dtype=torch.bfloat16 if fsdp_bf16 else None
+        )
         self.loss_fn = make_loss(config.loss.kind)
         self.optimizer = _make_optimizer(unwrap(self.model), config)
         self.schedule: Schedule = schedule_from_state(self.plan.schedule)

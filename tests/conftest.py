@@ -35,3 +35,17 @@ def trained_demo_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     argv = [*TRAINED_DEMO_ARGS, "--set", f"data.train={demo}", "--set", f"train.run_dir={run}"]
     assert main(argv) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def onnx_export_dir(
+    trained_demo_run: Path, demo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``clipforge-export onnx --int8-text`` of the trained demo model (parity on 64 demo rows)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
+    from clipforge.pretrain.export_cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    argv = ["onnx", "--model", str(trained_demo_run), "--out", str(out), "--int8-text"]
+    assert main([*argv, "--parity-data", str(demo), "--parity-rows", "64"]) == 0
+    return out
