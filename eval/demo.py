@@ -281,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})"
     )
     parser.add_argument(
-        "--workers", type=int, default=d.workers, help="data-loader processes (embed, eval)"
+        "--workers",
+        type=int,
+        default=d.workers,
+        help=f"data-loader processes (embed, eval) (default {d.workers})",
     )
     return parser
 

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets: {', '.join(PRESETS)}; every key: --help-config",
     )
-    parser.add_argument("--config", default="tiny", help="preset name or YAML file")
+    parser.add_argument(
+        "--config", default="tiny", help="preset name or YAML file (default: %(default)s)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -47,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "side by side with open_clip_train (see --peer-python)",
     )
     parser.add_argument(
-        "--benchmark-warmup", type=int, default=5, help="steps excluded from the median"
+        "--benchmark-warmup",
+        type=int,
+        default=5,
+        help="steps excluded from the median (default: %(default)s)",
     )
     parser.add_argument(
         "--peer-python",
