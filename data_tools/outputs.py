@@ -94,3 +94,16 @@ def outputs_removed_on_failure(
 
 
 __all__ = ["CreatedOutputs", "outputs_removed_on_failure"]
+
+
+def make_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """``mkdir -p path``; returns the folders it created, outermost first (what a failed
+    command may remove again without touching anything that was there before)."""
+    target = Path(path)
+    missing = []
+    p = target.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    target.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipforge.data_tools.atomic import OutOfSpaceError, atomic_output
+from clipforge.data_tools.outputs import make_dirs
 
 from . import store
 
@@ -1039,7 +1040,7 @@ def run_build(
         raise ValueError(f"--out {out} exists and is not a folder")
 
     # Built in a staging folder inside OUT, moved into place file by file when complete.
-    created = _make_dirs(out)
+    created = make_dirs(out)
     _remove_dead_stages(out)
     stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     stage.mkdir()
@@ -1149,17 +1150,6 @@ def _copy_model(emb_dir: Path, rec: Mapping[str, Any], stage: Path) -> dict[str,
                 f"{emb_dir / EMBEDDINGS_MANIFEST}: the model was altered since embed"
             )
     return {**rec, "linked": linked}
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the folders it created, outermost first."""
-    missing = []
-    p = path.absolute()
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
 
 
 def _remove_dead_stages(out: Path) -> None:

@@ -52,6 +52,7 @@ from clipforge.data_tools.atomic import (
     remove_stale_temps,
     write_json_atomic,
 )
+from clipforge.data_tools.outputs import make_dirs
 from clipforge.data_tools.reader import (
     ReaderConfig,
     ShardSource,
@@ -625,7 +626,7 @@ def _embed(
     }
     subdirs = [out / d for d in (*(f for f, _ in EMB_LAYOUT.values()), METADATA_DIR, PARTS_DIR)]
     fresh = [d for d in subdirs if not d.exists()]
-    created = _make_dirs(out)
+    created = make_dirs(out)
     try:
         if info.is_main and config.overwrite:
             (out / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
@@ -638,17 +639,6 @@ def _embed(
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only if empty
         raise
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the folders it created, outermost first."""
-    missing = []
-    p = path.absolute()
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
 
 
 def _embed_parts(

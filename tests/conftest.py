@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +55,23 @@ def onnx_export_dir(
     argv = ["onnx", "--model", str(trained_demo_run), "--out", str(out), "--int8-text"]
     assert main([*argv, "--parity-data", str(demo), "--parity-rows", "64"]) == 0
     return out
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs for real disk-full tests (needs root and mount; skipped elsewhere)."""
+    mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:8]}"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a 1 MB tmpfs needs root and mount")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        gc.collect()  # a failed writer's file object may still hold the mount busy
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=False)

@@ -5,7 +5,6 @@ re-running a finished run, extending the schedule, and ``--benchmark`` without i
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import logging
 import os
@@ -14,8 +13,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -209,26 +206,6 @@ def test_torn_metrics_line_corrupt_newest_checkpoint_and_stale_temps(
 
 
 # ----------------------------------------------------------------------------- 6. disk full
-
-
-@pytest.fixture
-def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MB tmpfs (needs root and mount; skipped elsewhere): a step checkpoint is 40 MB."""
-    mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:8]}"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a 1 MB tmpfs needs root and mount")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        gc.collect()  # a failed write's frames (and file) die now, not at some later collection
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mnt)], check=False)
 
 
 def _one_clear_line(err: str, path: Path) -> None:
