@@ -61,6 +61,11 @@ class DemoConfig:
     0.80 at 800 steps)."""
     checkpoint_every: int = 100
     """Steps between checkpoints: an interrupted run loses at most this many steps."""
+    extend_schedule: str = ""
+    """How a finished (or started) demo run continues when ``steps`` changes: "" refuses (the
+    learning-rate schedule would jump), "rewarm" warms up again from the current rate and decays
+    to the new end, "continue_lr" decays from the current rate to the new end
+    (pretrain's ``train.extend_schedule``)."""
     workers: int = 2
     """Data-loader processes for embedding and evaluation (training keeps the recipe's loader:
     the tiny preset's one worker, so that its data order, and the model, are the recipe's)."""
@@ -74,6 +79,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.extend_schedule not in ("", "rewarm", "continue_lr"):
+            raise ValueError(
+                f"extend_schedule must be rewarm or continue_lr, got {self.extend_schedule!r}"
+            )
         if self.top < 1:
             raise ValueError(f"top must be >= 1, got {self.top}")
 
@@ -107,6 +116,41 @@ def _training_done(run_dir: Path, steps: int) -> bool:
     found = list_checkpoints(run_dir / "checkpoints")
     exported = (run_dir / "model" / "open_clip_config.json").is_file()
     return exported and bool(found) and found[-1][0] >= steps
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    """The ``train.steps`` an earlier demo run was started with (its config.yaml), if any."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return int(saved["train"]["steps"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+
+
+def _check_extension(run_dir: Path, config: DemoConfig) -> None:
+    """Refuse, in the demo's own flags, a change of ``--steps`` that would bend the schedule.
+
+    pretrain refuses it too, but its message names ``--set train.extend_schedule``, which the
+    demo's command line does not take.
+    """
+    from clipforge.pretrain.checkpoint import list_checkpoints
+
+    planned = _planned_steps(run_dir)
+    if (
+        planned is None
+        or planned == config.steps
+        or config.extend_schedule
+        or not list_checkpoints(run_dir / "checkpoints")
+    ):
+        return
+    raise ValueError(
+        f"{run_dir} was started as a {planned}-step run; --steps {config.steps} changes its "
+        "learning-rate schedule: add --extend-schedule rewarm (warm up again from the current "
+        "rate, then decay to the new end) or --extend-schedule continue_lr (decay from the "
+        "current rate to the new end), or use another --out"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -155,6 +199,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     # 2. training ---------------------------------------------------------------------------
     t0 = stage(2, f"training the tiny CLIP model: {config.steps} steps of {config.batch_size}")
     reused["train"] = _training_done(run, config.steps)
+    if not reused["train"]:
+        _check_extension(run, config)
     if reused["train"]:
         done(t0, f"already trained: reusing {run / 'model'}")
     else:
@@ -171,6 +217,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             # a bar on a terminal, a line per log_every steps otherwise
             "train.progress=auto",
         ]
+        if config.extend_schedule:
+            overrides.append(f"train.extend_schedule={config.extend_schedule}")
         result = train(load_config("tiny", overrides))
         done(t0, f"trained to step {result.steps}, loss {result.last_loss:.3f} -> {run / 'model'}")
     loaded = load_model(run)
@@ -281,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})"
     )
     parser.add_argument(
+        "--extend-schedule",
+        choices=("rewarm", "continue_lr"),
+        default=None,
+        help="when --steps changes an earlier run's length: warm up again (rewarm) or decay "
+        "from the current rate (continue_lr) to the new end (default: refuse)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=d.workers,
@@ -297,7 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("clipforge").setLevel(logging.INFO)
     try:
-        config = DemoConfig(out=args.out, steps=args.steps, workers=args.workers)
+        config = DemoConfig(
+            out=args.out,
+            steps=args.steps,
+            workers=args.workers,
+            extend_schedule=args.extend_schedule or "",
+        )
         result = run_demo(config, log=lambda line: print(line, flush=True))
         index = os.path.relpath(result.index_dir)
         if index.startswith(".."):  # outside the working directory: the full path reads better

@@ -75,6 +75,21 @@ def test_demo_from_scratch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert len(_hits(text)) == len(EXAMPLE_QUERIES)
     assert "R@1" in text and (out / "retrieval.json").is_file()
 
+    # A longer --steps on the finished run bends its schedule: refused in the demo's own flags
+    # before anything is touched, then done deliberately with --extend-schedule.
+    before = {p: p.stat().st_mtime_ns for p in (out / "run").rglob("*") if p.is_file()}
+    assert main(["--out", str(out), "--steps", "5", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "started as a 3-step run; --steps 5" in err and "--extend-schedule rewarm" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "run").rglob("*") if p.is_file()} == before
+    argv = ["--out", str(out), "--steps", "5", "--workers", "1", "--extend-schedule", "continue_lr"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "trained to step 5" in text
+    assert (out / "run" / "checkpoints" / "step-5.pt").is_file()
+    # the embeddings of the 3-step model are stale: every part is embedded again
+    assert re.search(r"8 part\(s\) embedded, 0 kept", text)
+
 
 def test_demo_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "x"), "--steps", "0"]) == 2
