@@ -49,7 +49,7 @@ class DemoConfig:
     retrieval.json."""
     steps: int = 800
     """Training steps. 800 steps of 128 with caption subsets reach text->image R@10 0.98 on the
-    captions and 0.80 on the emoji names alone, in about a minute on 2 CPU cores (400 steps
+    captions and 0.80 on the emoji names alone, in about 100 s on 2 CPU cores (400 steps
     without subsets, the recipe of tests/conftest.py TRAINED_DEMO_ARGS: 0.96 and 0.61)."""
     batch_size: int = 128
     """Training batch size (contrastive: every other sample in the batch is a negative)."""
