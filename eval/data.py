@@ -255,7 +255,9 @@ def _iter_folder_batches(
         }
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def precision_autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context for `precision` (fp32 | bf16 | fp16) on DEVICE; shared by the
+    retrieval and zero-shot embedders so both evaluate under the same numerics."""
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     if precision not in ("bf16", "fp16"):
@@ -289,7 +291,7 @@ def read_and_embed_images(
             if n <= 0:
                 break
             images = batch["image"][:n].to(info.device)  # (B, 3, H, W)
-            with torch.no_grad(), _autocast(info.device, cfg.precision):
+            with torch.no_grad(), precision_autocast(info.device, cfg.precision):
                 emb = model.encode_image(images)
             rows.image_emb.append(F.normalize(emb.float(), dim=-1).cpu())  # (B, D) unit rows
             rows.keys += batch["key"][:n]
@@ -317,7 +319,7 @@ def embed_texts(
     try:
         for i in range(0, len(texts), batch_size):
             tokens = tokenizer(texts[i : i + batch_size]).to(device)  # (B, context)
-            with torch.no_grad(), _autocast(device, precision):
+            with torch.no_grad(), precision_autocast(device, precision):
                 emb = model.encode_text(tokens)
             out.append(F.normalize(emb.float(), dim=-1).cpu())
     finally:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.eval.data import EmbeddedSet, EvalDataError, _autocast
+from clipforge.eval.data import EmbeddedSet, EvalDataError, precision_autocast
 from clipforge.eval.metrics import classification_metrics
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
@@ -96,7 +96,7 @@ def build_classifier(
     try:
         for i in range(0, len(prompts), cfg.batch_size):
             tokens = tokenizer(prompts[i : i + cfg.batch_size]).to(device)  # (B, context)
-            with torch.no_grad(), _autocast(device, cfg.precision):
+            with torch.no_grad(), precision_autocast(device, cfg.precision):
                 out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     finally:
         model.train(was_training)
