@@ -33,7 +33,7 @@ def _rgb(value: str) -> tuple[int, int, int]:
         parts = ()
     if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
         raise argparse.ArgumentTypeError(f"--background wants R,G,B in 0..255, got {value!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def build_parser() -> argparse.ArgumentParser:

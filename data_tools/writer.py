@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -31,6 +31,7 @@ from clipforge.data_tools.images import (
     IMAGE_FORMATS,
     RESIZE_MODES,
     ImageDecodeError,
+    ResizeMode,
     decode_image_sized,
     encode_image,
     resize_image,
@@ -330,8 +331,11 @@ def _encode_row(
         return None
     try:
         out_img = resize_image(
-            to_rgb(img, config.background), config.image_size, config.resize_mode, config.background
-        )  # type: ignore[arg-type]
+            to_rgb(img, config.background),
+            config.image_size,
+            cast(ResizeMode, config.resize_mode),  # checked when the config was built
+            config.background,
+        )
         image_bytes = encode_image(
             out_img,
             config.image_format,  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from clipforge.data_tools.images import IMAGE_EXTENSIONS, to_rgb
 from clipforge.data_tools.reader import ReaderConfig, make_loader, parse_shard_spec
 from clipforge.data_tools.shardformat import read_manifest
 from clipforge.pretrain.distributed import DistInfo
+from clipforge.pretrain.models import dual_encoder
 
 
 class EvalDataError(ValueError):
@@ -292,7 +293,7 @@ def read_and_embed_images(
                 break
             images = batch["image"][:n].to(info.device)  # (B, 3, H, W)
             with torch.no_grad(), precision_autocast(info.device, cfg.precision):
-                emb = model.encode_image(images)
+                emb = dual_encoder(model).encode_image(images)
             rows.image_emb.append(F.normalize(emb.float(), dim=-1).cpu())  # (B, D) unit rows
             rows.keys += batch["key"][:n]
             rows.captions += batch["caption"][:n]
@@ -320,7 +321,7 @@ def embed_texts(
         for i in range(0, len(texts), batch_size):
             tokens = tokenizer(texts[i : i + batch_size]).to(device)  # (B, context)
             with torch.no_grad(), precision_autocast(device, precision):
-                emb = model.encode_text(tokens)
+                emb = dual_encoder(model).encode_text(tokens)
             out.append(F.normalize(emb.float(), dim=-1).cpu())
     finally:
         model.train(was_training)

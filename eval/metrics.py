@@ -232,9 +232,9 @@ def blocked_ranks(
         equal = torch.zeros_like(greater)
         before = torch.zeros_like(greater)
         for c0 in range(0, nc, cand_block):
-            s = cache.pop(c0 // cand_block, None)
-            if s is None:
-                s = similarity(q, cands[c0 : c0 + cand_block])  # (q, c), as in pass 1
+            cached = cache.pop(c0 // cand_block, None)
+            # (q, c), as in pass 1
+            s = cached if cached is not None else similarity(q, cands[c0 : c0 + cand_block])
             pos = qg.view(-1, 1) == cgroups[c0 : c0 + cand_block].view(1, -1)
             g, e, bf = _count_block(s, pos, best, best_idx, c0)
             greater += g

@@ -20,6 +20,7 @@ from torch import nn
 
 from clipforge.eval.data import EmbeddedSet, EvalDataError, precision_autocast
 from clipforge.eval.metrics import classification_metrics
+from clipforge.pretrain.models import dual_encoder
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 DEFAULT_TEMPLATES = TEMPLATES_DIR / "imagenet.txt"
@@ -40,7 +41,7 @@ class ZeroShotConfig:
 
 def load_classnames(spec: str | os.PathLike[str] | Sequence[str]) -> list[str]:
     """Class names from a file (one per line), a comma-separated string, or a list."""
-    if isinstance(spec, (list, tuple)):
+    if not isinstance(spec, (str, os.PathLike)):
         names = [str(s).strip() for s in spec]
     else:
         path = Path(spec)
@@ -97,7 +98,8 @@ def build_classifier(
         for i in range(0, len(prompts), cfg.batch_size):
             tokens = tokenizer(prompts[i : i + cfg.batch_size]).to(device)  # (B, context)
             with torch.no_grad(), precision_autocast(device, cfg.precision):
-                out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+                features = dual_encoder(model).encode_text(tokens)  # (B, D)
+                out.append(F.normalize(features.float(), dim=-1).cpu())  # (B, D) unit rows
     finally:
         model.train(was_training)
     emb = torch.cat(out).view(len(classnames), len(templates), -1)  # (C, T, D) unit rows
@@ -108,7 +110,8 @@ def label_indices(labels: Sequence[Any], classnames: Sequence[str]) -> torch.Ten
     """(N,) class index of every label: a class name, or an integer index into ``classnames``.
     Labels that are neither fail with the first few named."""
     index = {c: i for i, c in enumerate(classnames)}
-    out, unknown = [], []
+    out: list[int] = []
+    unknown: list[Any] = []
     for lab in labels:
         if isinstance(lab, bool) or lab is None:
             unknown.append(lab)

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import open_clip
 import torch
@@ -220,6 +220,20 @@ def export_open_clip(
     pre = {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}
     write_json_atomic(out / OPEN_CLIP_CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": pre})
     return out
+
+
+class DualEncoder(Protocol):
+    """What inference asks of an open_clip model: its two encoders, (B, ...) -> (B, D)."""
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+
+def dual_encoder(model: object) -> DualEncoder:
+    """MODEL seen through its encoders. open_clip's classes carry no annotations, and
+    ``nn.Module``'s typing reads any attribute as ``Tensor | Module``: this names the contract."""
+    return cast(DualEncoder, model)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from torch import nn
 from clipforge.data_tools.atomic import TMP_MARKER, write_json_atomic
 from clipforge.data_tools.shardformat import sha256_file
 
-from .models import LoadedModel, load_model
+from .models import LoadedModel, dual_encoder, load_model
 from .pooled_forward import disable_pooled_forward
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,8 @@ class _NormalisedImage(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(pixels), dim=-1)  # (B, D) L2-normalised
+        features = dual_encoder(self.model).encode_image(pixels)  # (B, D)
+        return F.normalize(features, dim=-1)  # (B, D) L2-normalised
 
 
 class _NormalisedText(nn.Module):
@@ -227,7 +228,8 @@ class _NormalisedText(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(tokens), dim=-1)  # (B, D) L2-normalised
+        features = dual_encoder(self.model).encode_text(tokens)  # (B, D)
+        return F.normalize(features, dim=-1)  # (B, D) L2-normalised
 
 
 def tokenizer_spec(tokenizer: Any) -> TokenizerSpec:
@@ -313,6 +315,8 @@ def _export_graph(
         raise ExportError(
             f"torch.onnx.export of {path.name} failed: {type(e).__name__}: {str(e)[:400]}"
         ) from e
+    if program is None:  # only the legacy (dynamo=False) exporter returns nothing
+        raise ExportError(f"torch.onnx.export of {path.name} returned no program")
     program.save(str(path))
 
 
@@ -401,8 +405,9 @@ def export_onnx(
     pixels, tokens, where = parity_batch(loaded, parity_data, parity_rows)
     with torch.inference_mode():
         # The reference: the encoders exactly as embedding and search run them.
-        ref_image = F.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()  # (N, D)
-        ref_text = F.normalize(loaded.model.encode_text(tokens), dim=-1).numpy()  # (N, D)
+        encoders = dual_encoder(loaded.model)
+        ref_image = F.normalize(encoders.encode_image(pixels), dim=-1).numpy()  # (N, D)
+        ref_text = F.normalize(encoders.encode_text(tokens), dim=-1).numpy()  # (N, D)
     disable_pooled_forward(loaded.model)
     with _staging_dir(out_dir) as stage:
         _export_graph(

@@ -7,7 +7,8 @@ Model code never imports torch.distributed; the trainer calls :func:`parallelize
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from open_clip.transformer import ResidualAttentionBlock
@@ -60,7 +61,8 @@ def parallelize(
         # Locked towers have requires_grad=False parameters, which DDP ignores by itself.
         model = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
-        model = torch.compile(model)
+        # torch.compile returns the same module behind an OptimizedModule (typed as a callable).
+        model = cast(nn.Module, torch.compile(model))
     return model
 
 
@@ -95,8 +97,7 @@ def full_state_dicts(
     plain = unwrap(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=_is_sharded(plain))
     model_sd, optim_sd = get_state_dict(plain, optimizer, options=options)
-    model_sd = {k: v.detach().to("cpu") for k, v in model_sd.items()}
-    return model_sd, optim_sd
+    return _on_cpu(model_sd), optim_sd
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,8 +106,12 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     plain = unwrap(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=_is_sharded(plain))
-    weights = get_model_state_dict(plain, options=options)
-    return {k: v.detach().to("cpu") for k, v in weights.items()}
+    return _on_cpu(get_model_state_dict(plain, options=options))
+
+
+def _on_cpu(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # A model state dict holds only tensors; torch types its values as any checkpointable value.
+    return {k: cast(torch.Tensor, v).detach().to("cpu") for k, v in state.items()}
 
 
 def load_full_state_dicts(
@@ -135,20 +140,20 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """
     from torch.distributed.tensor import DTensor
 
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
         return 0.0
-    sharded = [p.grad for p in params if isinstance(p.grad, DTensor)]
-    plain = [p.grad for p in params if not isinstance(p.grad, DTensor)]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
     squares = torch.zeros((), dtype=torch.float64)
     if sharded:
         norm = torch.nn.utils.get_total_norm(sharded)
-        squares += norm.full_tensor().double().cpu() ** 2
+        squares += cast(DTensor, norm).full_tensor().double().cpu() ** 2
     if plain:
         squares += torch.nn.utils.get_total_norm(plain).double().cpu() ** 2
     total = float(squares.sqrt())
     coef = max_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_
     if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)  # type: ignore[union-attr]
+        for grad in grads:
+            grad.mul_(coef)
     return total

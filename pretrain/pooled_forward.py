@@ -27,6 +27,8 @@ state-dict keys, checkpoints and exports are untouched (the device FSDP2 uses fo
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,11 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+OpenClipTower = Any
+"""A text tower as open_clip builds it (CLIP itself or a TextTransformer). Its parts are reached by
+attribute (``transformer``, ``token_embedding``, ``attn_mask``...), which ``nn.Module``'s typing
+would read as ``Tensor | Module``; the code checks the real classes before switching a tower."""
 
 TRIM_MULTIPLE = 8
 """Text lengths run are rounded up to a multiple of this (capped at the context length)."""
@@ -52,7 +59,9 @@ def pooled_positions(text: Tensor, pool_type: str, eos_id: int | None) -> Tensor
     if pool_type == "argmax":
         return text.argmax(dim=-1)  # the EOT token has the highest id
     if pool_type == "eos":
-        return (text == eos_id).int().argmax(dim=-1)  # first EOS, 0 when none
+        if eos_id is None:
+            raise ValueError("pool type 'eos' needs the tokenizer's EOS id; the tower has none")
+        return text.eq(eos_id).int().argmax(dim=-1)  # first EOS, 0 when none
     raise ValueError(f"pool type {pool_type!r} has no single pooled position")
 
 
@@ -150,7 +159,7 @@ def _run_blocks(
     return last(x, attn_mask=attn_mask, pooled_at=pooled_at)[:, 0]
 
 
-def _encode_rows(tower: nn.Module, text: Tensor, pooled_at: Tensor) -> Tensor:
+def _encode_rows(tower: OpenClipTower, text: Tensor, pooled_at: Tensor) -> Tensor:
     """(b, length) token ids, already cut to the columns they need -> (b, W) pooled."""
     length = text.shape[1]
     cast_dtype = tower.transformer.get_cast_dtype()
@@ -160,7 +169,7 @@ def _encode_rows(tower: nn.Module, text: Tensor, pooled_at: Tensor) -> Tensor:
     return _run_blocks(tower.transformer, x, mask, pooled_at)
 
 
-def _encode_text(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
+def _encode_text(tower: OpenClipTower, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
     """The causal text tower of ``tower`` (CLIP's own attributes, or a TextTransformer):
     (B, L) token ids -> (B, D) unnormalised features, computing only what they depend on."""
     if text.shape[0] == 0:  # nothing to attend over; the right (0, D) shape, dtype and device
@@ -173,7 +182,9 @@ def _encode_text(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | N
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-def _encode_nonempty(tower: nn.Module, text: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
+def _encode_nonempty(
+    tower: OpenClipTower, text: Tensor, pool_type: str, eos_id: int | None
+) -> Tensor:
     pooled_at = pooled_positions(text, pool_type, eos_id)  # (B,)
     limit = min(text.shape[1], tower.positional_embedding.shape[0])
     max_groups = getattr(tower, "max_length_groups", MAX_GROUPS)
@@ -216,7 +227,7 @@ class PooledVisionTransformer(VisionTransformer):
         return pooled @ self.proj if self.proj is not None else pooled
 
 
-def _plain_blocks(transformer: object) -> bool:
+def _plain_blocks(transformer: Any) -> bool:
     return (
         type(transformer) is Transformer
         and getattr(transformer, "batch_first", False)
@@ -234,7 +245,7 @@ def _switch_last_block(transformer: Transformer) -> None:
     transformer.resblocks[-1].__class__ = PooledResidualAttentionBlock
 
 
-def _causal_pooled(tower: nn.Module, pool_type: str) -> bool:
+def _causal_pooled(tower: OpenClipTower, pool_type: str) -> bool:
     return (
         isinstance(tower.attn_mask, Tensor)
         and pool_type in ("argmax", "eos")
@@ -252,7 +263,7 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
     DDP/FSDP/compile wrapping).
     """
     switched = []
-    visual = getattr(model, "visual", None)
+    visual: Any = getattr(model, "visual", None)
     if (
         type(visual) is VisionTransformer
         and visual.attn_pool is None
@@ -264,12 +275,12 @@ def enable_pooled_forward(model: nn.Module) -> list[str]:
         visual.__class__ = PooledVisionTransformer
         switched.append("image")
     if type(model) is open_clip.CLIP:
-        if _causal_pooled(model, model.text_pool_type):
+        if _causal_pooled(model, cast(str, model.text_pool_type)):
             _switch_last_block(model.transformer)
             model.__class__ = PooledTextCLIP
             switched.append("text")
         return switched
-    text = getattr(model, "text", None)
+    text: Any = getattr(model, "text", None)
     if (
         type(text) is TextTransformer
         and text.cls_emb is None
@@ -310,7 +321,7 @@ def disable_pooled_forward(model: nn.Module) -> list[str]:
     return restored
 
 
-def _pooled_text_tower(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
+def _pooled_text_tower(model: nn.Module) -> tuple[OpenClipTower, str, int | None] | None:
     """(tower, pool type, EOS id) of a switched text tower of the (unwrapped) model, else None."""
     if isinstance(model, PooledTextCLIP):
         return model, model.text_pool_type, getattr(model, "text_eos_id", None)
