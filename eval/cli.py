@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG of Recall@K curves (result files) or training curves")
     pl.add_argument("inputs", nargs="+", help="result JSON files, or one run directory")
     pl.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
+    pl.add_argument(
+        "--k",
+        default=None,
+        help="run directory: draw only these K values of each eval set's R@K, e.g. 1,10 "
+        "(default: every K logged)",
+    )
 
     cb = sub.add_parser(
         "compare-clip-benchmark",
@@ -346,8 +352,11 @@ def _plot(args: argparse.Namespace) -> int:
 
     first = Path(args.inputs[0])
     if len(args.inputs) == 1 and first.is_dir():
-        rep.plot_training(first, args.out)
+        ks = _ks(args.k) if args.k is not None else None
+        rep.plot_training(first, args.out, ks)
     else:
+        if args.k is not None:
+            raise rep.ReportError("--k applies to a run directory's training curves only")
         reports = [rep.read_report(p) for p in args.inputs]
         rep.plot_recall_curves(reports, [Path(p).stem for p in args.inputs], args.out)
     print(f"plot -> {args.out}")

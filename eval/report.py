@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -343,27 +344,110 @@ def read_metrics_jsonl(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Training loss and any ``eval/`` recall logged by the eval callback, against step."""
-    records = read_metrics_jsonl(run_dir)
+@dataclass(frozen=True)
+class TrainingCurves:
+    """What :func:`plot_training` draws, read from a run's ``metrics.jsonl`` records."""
+
+    loss: tuple[tuple[int, float], ...]
+    """(step, training loss) of every logged step, in step order."""
+    recall: dict[str, dict[str, tuple[tuple[int, float], ...]]]
+    """Eval set name -> figure (``t2i_R@1``, ``i2t_R@10``, ...) -> (step, recall in [0, 1]),
+    from ``eval/<set>/<figure>`` keys; the unnamed set of ``eval/<figure>`` keys (a run
+    evaluated through the ``CLIPFORGE_EVAL_*`` variables) is named ``""``."""
+
+
+def training_curves(
+    records: Sequence[dict[str, Any]], ks: Sequence[int] | None = None
+) -> TrainingCurves:
+    """The loss and every eval set's Recall@K series of ``metrics.jsonl`` records (only the K
+    values in ``ks`` when given). Records without a step, and non-numeric values, are skipped."""
+    loss: list[tuple[int, float]] = []
+    recall: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        step = r.get("step")
+        if not isinstance(step, int):
+            continue
+        if _is_number(r.get("loss")):
+            loss.append((step, float(r["loss"])))
+        for key, value in r.items():
+            if not key.startswith("eval/") or not _is_number(value):
+                continue
+            set_name, _, figure = key[len("eval/") :].rpartition("/")
+            _, at, k = figure.partition("_R@")
+            if not at or not k.isdigit() or (ks is not None and int(k) not in ks):
+                continue
+            recall.setdefault(set_name, {}).setdefault(figure, []).append((step, float(value)))
+    return TrainingCurves(
+        loss=tuple(sorted(loss)),
+        recall={
+            name: {fig: tuple(sorted(pts)) for fig, pts in sorted(figs.items(), key=_figure_order)}
+            for name, figs in recall.items()
+        },
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _figure_order(item: tuple[str, Any]) -> tuple[bool, str, int]:
+    direction, _, k = item[0].partition("_R@")
+    return direction != "t2i", direction, int(k)  # text->image first; R@5 before R@10
+
+
+def training_figure(curves: TrainingCurves, title: str = "") -> Any:
+    """The matplotlib figure of :func:`plot_training`: the loss above, every eval set's R@K
+    below on the same steps (one colour per set, solid text->image, dashed image->text, one
+    marker per K)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
-    if loss:
-        ax.plot(*zip(*loss, strict=True), label="loss", color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    evals = sorted({k for r in records for k in r if k.startswith("eval/") and "R@" in k})
-    if evals:
-        ax2 = ax.twinx()
-        for k in evals:
-            pts = [(r["step"], 100 * r[k]) for r in records if k in r]
-            ax2.plot(*zip(*pts, strict=True), marker="o", label=k)
-        ax2.set_ylabel("recall (%)")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    ax.set_title(str(run_dir))
-    return _save(fig, plt, out)
+    fig, (ax_loss, ax_recall) = plt.subplots(
+        2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.4]}
+    )
+    if curves.loss:
+        ax_loss.plot(*zip(*curves.loss, strict=True), color="black", lw=1.2, label="train loss")
+        ax_loss.legend(loc="upper right")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(True, alpha=0.3)
+    if title:
+        ax_loss.set_title(title)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_ks = sorted({int(f.partition("_R@")[2]) for figs in curves.recall.values() for f in figs})
+    markers = dict(zip(all_ks, "os^Dvx*P", strict=False))
+    for i, (name, figs) in enumerate(curves.recall.items()):
+        for figure, pts in figs.items():
+            direction, _, k = figure.partition("_R@")
+            ax_recall.plot(
+                [p[0] for p in pts],
+                [100 * p[1] for p in pts],
+                color=colours[i % len(colours)],
+                ls="-" if direction == "t2i" else "--",
+                marker=markers.get(int(k), "."),
+                ms=4,
+                label=f"{name or 'eval'} {direction} R@{k}",
+            )
+    ax_recall.set_xlabel("step")
+    ax_recall.set_ylabel("Recall@K (%)")
+    ax_recall.grid(True, alpha=0.3)
+    if curves.recall:
+        ax_recall.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return fig
+
+
+def plot_training(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    ks: Sequence[int] | None = None,
+) -> Path:
+    """Training loss and each eval set's Recall@K (``eval/<set>/..._R@K`` in metrics.jsonl)
+    against step, as one PNG (only the K values in ``ks`` when given)."""
+    records = read_metrics_jsonl(run_dir)
+    curves = training_curves(records, ks)
+    if not curves.loss and not curves.recall:
+        raise ReportError(f"{run_dir}: metrics.jsonl holds no loss or Recall@K to plot")
+    if ks is not None and not curves.recall and any("eval/" in k for r in records for k in r):
+        raise ReportError(f"{run_dir}: no eval figure at K in {list(ks)} in metrics.jsonl")
+    plt = _pyplot()
+    return _save(training_figure(curves, title=Path(run_dir).name), plt, out)
 
 
 def _save(fig: Any, plt: Any, out: str | os.PathLike[str]) -> Path:

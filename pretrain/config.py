@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,45 @@ class LossConfig:
     """Clamp of the log inverse temperature after each step (ln(100), as CLIP)."""
 
 
+# A set's name becomes part of metric keys (``eval/<name>/t2i_R@1``) and of --set paths
+# (``train.eval.<name>.data``), so neither "/" nor "." may appear in it.
+EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """One named evaluation set of training-time evaluation (an entry of ``train.eval``)."""
+
+    name: str
+    """Names the set's figures in metrics.jsonl (``eval/<name>/t2i_R@1``, ...): letters,
+    digits, ``_`` and ``-``; unique within ``train.eval``."""
+    data: str
+    """SHARDS of the evaluation set (folder, brace pattern, glob; ``::``-joined)."""
+    k: tuple[int, ...] = (1, 5, 10)
+    """Recall@K values (a YAML list or ``1,5,10``); stored sorted, without repeats."""
+    limit: int | None = None
+    """At most this many samples per rank (None: the whole set); quick checks."""
+    batch_size: int = 256
+    """Embedding batch size of the evaluation."""
+    image_id_field: str | None = None
+    """Group captions by this field of each sample's .json (several captions per image)."""
+
+    def __post_init__(self) -> None:
+        where = f"train.eval.{self.name}"
+        _check(
+            bool(EVAL_SET_NAME.match(self.name)),
+            "train.eval[].name",
+            "letters, digits, '_' or '-'",
+            self.name,
+        )
+        _check(bool(self.data.strip()), f"{where}.data", "a SHARDS path or pattern", self.data)
+        _check(bool(self.k) and all(k >= 1 for k in self.k), f"{where}.k", "K values >= 1", self.k)
+        # Normalised so that "5,1" and "1,5" are one setting (no spurious resume difference).
+        object.__setattr__(self, "k", tuple(sorted(set(self.k))))
+        _check(self.batch_size >= 1, f"{where}.batch_size", ">= 1", self.batch_size)
+        _check(self.limit is None or self.limit >= 1, f"{where}.limit", ">= 1", self.limit)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The loop: length, precision, logging, checkpoints."""
@@ -184,7 +224,12 @@ class TrainConfig:
     """Call the evaluation callback every N steps (0: never)."""
     eval_callback: str = ""
     """Name of an evaluation callback registered under the ``clipforge.eval_callbacks`` entry
-    point group (eval registers itself; pretrain never imports eval)."""
+    point group (eval registers itself; pretrain never imports eval): ``retrieval`` evaluates
+    each set of ``train.eval``."""
+    eval: tuple[EvalSetConfig, ...] = ()
+    """The named evaluation sets of ``train.eval_callback`` (a YAML list of mappings with
+    ``name``, ``data``, ``k``, ``limit``, ``batch_size``, ``image_id_field``); on the command
+    line ``--set train.eval.NAME.KEY=VALUE`` sets one key of the set NAME (added if new)."""
     max_nonfinite: int = 5
     """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
     tensorboard: bool = False
@@ -205,6 +250,16 @@ class TrainConfig:
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "> 0", self.keep_checkpoints)
         _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
         _check(self.max_nonfinite > 0, "train.max_nonfinite", "> 0", self.max_nonfinite)
+        names = [s.name for s in self.eval]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _check(not repeated, "train.eval names", "unique", repeated)
+        # Sets that nothing would evaluate are a mistake, not a silent no-op.
+        _check(
+            not self.eval or bool(self.eval_callback),
+            "train.eval_callback",
+            "set (e.g. retrieval) when train.eval lists sets",
+            self.eval_callback,
+        )
 
 
 @dataclass(frozen=True)
@@ -225,7 +280,17 @@ class Config:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain dicts and lists (tuples become lists: what YAML writes and reads back,
+        so a saved config compares equal to the one it came from)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # Settings a resume may change: they do not change what a checkpoint holds (parameter shapes,
@@ -243,6 +308,7 @@ RESUME_MUTABLE = frozenset(
         "train.keep_checkpoints",
         "train.eval_every",
         "train.eval_callback",
+        "train.eval",  # what is measured during training, not what is trained
         "train.max_nonfinite",
         "train.tensorboard",
         "train.progress",
@@ -270,7 +336,9 @@ def config_differences(saved: dict[str, Any], config: Config) -> dict[str, tuple
     new = config.to_dict()
     out: dict[str, tuple[Any, Any]] = {}
     for section, values in new.items():
-        old_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        old_section = saved.get(section)
+        if not isinstance(old_section, dict):
+            old_section = {}
         for key, value in values.items():
             old = old_section.get(key, defaults[section][key])
             if old != value:
@@ -356,13 +424,65 @@ def load_config(name_or_file: str, overrides: list[str] | tuple[str, ...] = ()) 
         key, eq, raw = item.partition("=")
         if not eq or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        section, _, name = key.strip().partition(".")
+        section, *keys = key.strip().split(".")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        tree.setdefault(section, {})[name] = value
+        _apply_override(tree, section, keys, value, item)
     return config_from_dict(tree)
+
+
+def _apply_override(
+    tree: dict[str, Any], section: str, path: list[str], value: Any, item: str
+) -> None:
+    """``section.key=value``, or ``section.key.NAME.field=value`` for a key that is a list of
+    named entries (``train.eval``): sets ``field`` of the entry named NAME, appending a new
+    entry when there is none, so several sets are given one key at a time."""
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {node!r}")
+    key, rest = path[0], path[1:]
+    if not rest:
+        node[key] = value
+        return
+    entry_cls = _named_entry_type(_section_hints(section).get(key))
+    if entry_cls is None:
+        raise ConfigError(f"--set {item!r}: {section}.{key} has no sub-keys")
+    if len(rest) != 2:
+        fields = [f.name for f in dataclasses.fields(entry_cls) if f.name != "name"]
+        raise ConfigError(
+            f"--set {item!r}: expected {section}.{key}.NAME.KEY=value, KEY one of {fields} "
+            f"(e.g. --set {section}.{key}.val.data=SHARDS)"
+        )
+    entry_name, field_name = rest
+    entries = node.get(key)
+    if entries is None:
+        entries = node[key] = []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{section}.{key} must be a list of mappings, got {entries!r}")
+    for entry in entries:
+        if isinstance(entry, dict) and str(entry.get("name")) == entry_name:
+            break
+    else:
+        entry = {"name": entry_name}
+        entries.append(entry)
+    entry[field_name] = value
+
+
+def _section_hints(section: str) -> dict[str, Any]:
+    cls = typing.get_type_hints(Config).get(section)
+    return typing.get_type_hints(cls) if cls is not None else {}
+
+
+def _named_entry_type(tp: Any) -> type | None:
+    """The dataclass of ``tuple[X, ...]`` when X is a dataclass with a ``name`` field."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        entry = args[0]
+        if isinstance(entry, type) and dataclasses.is_dataclass(entry):
+            return entry if "name" in {f.name for f in dataclasses.fields(entry)} else None
+    return None
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -391,6 +511,15 @@ def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
             f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; {section} has {sorted(hints)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ConfigError(f"{section}: missing required key(s) {missing}")
     return cls(**kwargs)
 
 
@@ -409,6 +538,20 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is int and isinstance(value, str):  # "1,5,10" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                value = [int(v) for v in value]
+            except ValueError:
+                raise ConfigError(f"{name} must be integers, got {value!r}") from None
+        elif args[0] is int and isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        if dataclasses.is_dataclass(args[0]):
+            return tuple(_coerce_entry(v, args[0], name, i) for i, v in enumerate(value))
+        return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
@@ -435,6 +578,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
         raise ConfigError(f"{name} must be a string, got {value!r}")
     raise ConfigError(f"{name}: unsupported config type {tp}")  # pragma: no cover
+
+
+def _coerce_entry(value: Any, cls: Any, name: str, index: int) -> Any:
+    """One mapping of a list of dataclass entries, named by its ``name`` when it has one."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}[{index}] must be a mapping, got {value!r}")
+    where = f"{name}.{value['name']}" if "name" in value else f"{name}[{index}]"
+    return _build_section(cls, value, where)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -468,11 +619,25 @@ def describe_fields() -> str:
         docs = _field_docs(cls, ast, inspect)
         lines.append(f"{section.name}:")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  {section.name}.{f.name} = {default!r}")
+            lines.append(f"  {section.name}.{f.name} = {_default_text(f)}")
             if f.name in docs:
                 lines.append("      " + " ".join(docs[f.name].split()))
+            entry = _named_entry_type(typing.get_type_hints(cls)[f.name])
+            if entry is not None:  # the keys of each entry of a list (train.eval)
+                entry_docs = _field_docs(entry, ast, inspect)
+                for ef in dataclasses.fields(entry):
+                    lines.append(f"    {section.name}.{f.name}[].{ef.name} = {_default_text(ef)}")
+                    if ef.name in entry_docs:
+                        lines.append("        " + " ".join(entry_docs[ef.name].split()))
     return "\n".join(lines)
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(_plain(f.default))
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(_plain(f.default_factory()))
+    return "(required)"
 
 
 def _field_docs(cls: type, ast: Any, inspect: Any) -> dict[str, str]:

@@ -102,6 +102,10 @@ log = logging.getLogger(__name__)
 EvalCallback = Callable[[nn.Module, int], dict[str, float]]
 """(model, step) -> metrics: called every ``train.eval_every`` steps on every rank."""
 
+EvalCallbackFactory = Callable[[Config], EvalCallback]
+"""What a ``clipforge.eval_callbacks`` entry point is: called once per rank with the run config
+(whose ``train.eval`` sets it evaluates) before the first step; returns the callback."""
+
 EVAL_CALLBACK_GROUP = "clipforge.eval_callbacks"
 
 
@@ -141,8 +145,9 @@ def train(config: Config, eval_callback: EvalCallback | None = None) -> TrainRes
         shutdown(info)
 
 
-def resolve_eval_callback(name: str) -> EvalCallback:
-    """An evaluation callback registered by another package under ``clipforge.eval_callbacks``."""
+def resolve_eval_callback(name: str) -> EvalCallbackFactory:
+    """The factory of an evaluation callback registered by another package under
+    ``clipforge.eval_callbacks``."""
     found = {ep.name: ep for ep in entry_points(group=EVAL_CALLBACK_GROUP)}
     if name not in found:
         raise ConfigError(
@@ -211,7 +216,7 @@ class Trainer:
         if self.plan.complete:  # nothing is built: train() only reports (and exports if need be)
             return
         if eval_callback is None and tc.eval_callback:
-            eval_callback = resolve_eval_callback(tc.eval_callback)
+            eval_callback = resolve_eval_callback(tc.eval_callback)(config)
         self.eval_callback = eval_callback
 
         if info.device.type == "cpu":

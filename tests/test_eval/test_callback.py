@@ -1,5 +1,7 @@
 """The retrieval callback through pretrain's own main: registered as an entry point, configured by
-environment, logging ``eval/`` figures into metrics.jsonl every ``train.eval_every`` steps."""
+environment (the older way, still working for a run whose ``train.eval`` is empty), logging
+``eval/`` figures into metrics.jsonl every ``train.eval_every`` steps. The config-driven sets:
+test_train_eval.py."""
 
 from __future__ import annotations
 
@@ -71,4 +73,5 @@ def test_missing_eval_data_is_a_clean_pretrain_error(
         "--set", "train.eval_callback=retrieval", "--set", "train.eval_every=1",
     ]  # fmt: skip
     assert pretrain_main(argv) == 2
-    assert "CLIPFORGE_EVAL_DATA" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CLIPFORGE_EVAL_DATA" in err and "train.eval.NAME.data" in err
