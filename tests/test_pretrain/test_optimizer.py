@@ -8,8 +8,8 @@ import torch
 
 from clipforge.pretrain.config import load_config
 from clipforge.pretrain.losses import make_loss
-from clipforge.pretrain.step import forward_backward
 from clipforge.pretrain.optim import make_optimizer
+from clipforge.pretrain.step import forward_backward
 from tests.test_pretrain.oracle_data import batch, tiny_model
 
 
