@@ -65,7 +65,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .embed import read_member_bytes
+from .emb_dir import read_member_bytes
 from .http_guard import (
     ApiError,
     ApiKeyMiddleware,
