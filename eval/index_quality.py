@@ -148,7 +148,7 @@ def run_index_quality(
         rss0 = _rss_bytes()
         opened = open_index(d, modality)
         rss1 = _rss_bytes()
-        m = measure_index(opened.index, queries, truth, k, cfg)
+        m: dict[str, Any] = dict(measure_index(opened.index, queries, truth, k, cfg))
         m.update(
             {
                 "factory": entry.factory or entry.kind or "?",

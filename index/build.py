@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from clipforge.data_tools.atomic import OutOfSpaceError
@@ -48,9 +49,16 @@ from .emb_dir import (
     write_concatenated_metadata,
 )
 from .faiss_ops import GpuResources, Log, add_vectors, resolve_use_gpu, train_index
-from .plan import BuildConfig, normalize_kind, parse_memory_size, plan_index, train_sample_size
+from .plan import (
+    BuildConfig,
+    IndexPlan,
+    normalize_kind,
+    parse_memory_size,
+    plan_index,
+    train_sample_size,
+)
 from .store import ModalityIndexEntry
-from .tune import exact_knn, tune_search_params
+from .tune import TuneResult, exact_knn, tune_search_params
 
 STAGE_PREFIX = ".build-tmp-"
 """Staging folders inside OUT are named this + the builder's pid (dead ones are removed)."""
@@ -87,40 +95,13 @@ def build_modality_index(
 
     d = Path(index_dir)
     fname = f"{name}.index"
-    sharded = config.num_shards is not None and config.num_shards > 1
+    sharded = _sharded(config)
     if sharded and plan.search_param != "nprobe":
         raise ValueError(f"sharded/on-disk builds need an IVF kind, not {plan.kind!r}")
 
     index = train_index(plan, source, config, gpu=gpu, log=log)
-    t0 = time.perf_counter()
-    extra: list[str] = []
-    if sharded:
-        assert config.num_shards is not None
-        index, extra = merge.build_sharded_on_disk(
-            index, source, d, name, config.num_shards, chunk_size=config.chunk_size, gpu=gpu,
-            log=log,
-        )  # fmt: skip
-    else:
-        add_vectors(index, source, config.chunk_size, gpu=gpu, log=log)
-        store.write_faiss_index(index, d / fname)
-    log(f"  added {index.ntotal} vectors in {time.perf_counter() - t0:.1f} s")
-
-    t0 = time.perf_counter()
-    # The ground truth is exact search over the same unit rows the index holds (emb_dir's
-    # unit_rows), so recall measures the index's approximation and nothing else.
-    _, truth = exact_knn(source, queries.vectors, 10, config.chunk_size, gpu=gpu)
-    tuned = tune_search_params(index, plan, queries.vectors, truth, config.target_recall)
-    log(
-        f"[{name}] recall@10 {tuned.recall:.4f} with {tuned.params or 'exact search'} "
-        f"({len(queries.vectors)} {queries.description}; tuned in "
-        f"{time.perf_counter() - t0:.1f} s)"
-    )
-    if not tuned.reached:
-        log(
-            f"[{name}] WARNING: target recall@10 {config.target_recall} not reached by "
-            f"{plan.kind} (best {tuned.recall:.4f}); a larger --memory-budget allows more "
-            "precise codes"
-        )
+    index, extra = _fill(index, source, d, name, config, gpu, log)
+    tuned = _tune(index, plan, source, queries, name, config, gpu, log)
     del index  # release (and unmap) before hashing
 
     sizes, digests = {}, {}
@@ -150,6 +131,67 @@ def build_modality_index(
         device="gpu" if gpu else "cpu",
         build_seconds=round(time.perf_counter() - t_start, 2),
     )
+
+
+def _sharded(config: BuildConfig) -> bool:
+    """Whether the build adds shard by shard and merges into on-disk lists."""
+    return config.num_shards is not None and config.num_shards > 1
+
+
+def _fill(
+    index: faiss.Index,
+    source: VectorSource,
+    d: Path,
+    name: str,
+    config: BuildConfig,
+    gpu: GpuResources | None,
+    log: Log,
+) -> tuple[faiss.Index, list[str]]:
+    """Add every vector to the trained ``index`` and write ``d/{name}.index``; return the index
+    to tune (the merged one, memory-mapped, when sharded) and the extra files it refers to."""
+    t0 = time.perf_counter()
+    extra: list[str] = []
+    if _sharded(config):
+        assert config.num_shards is not None
+        index, extra = merge.build_sharded_on_disk(
+            index, source, d, name, config.num_shards, chunk_size=config.chunk_size, gpu=gpu,
+            log=log,
+        )  # fmt: skip
+    else:
+        add_vectors(index, source, config.chunk_size, gpu=gpu, log=log)
+        store.write_faiss_index(index, d / f"{name}.index")
+    log(f"  added {index.ntotal} vectors in {time.perf_counter() - t0:.1f} s")
+    return index, extra
+
+
+def _tune(
+    index: faiss.Index,
+    plan: IndexPlan,
+    source: VectorSource,
+    queries: Queries,
+    name: str,
+    config: BuildConfig,
+    gpu: GpuResources | None,
+    log: Log,
+) -> TuneResult:
+    """Tune ``index``'s search parameter to the target recall@10 against exact search."""
+    t0 = time.perf_counter()
+    # The ground truth is exact search over the same unit rows the index holds (emb_dir's
+    # unit_rows), so recall measures the index's approximation and nothing else.
+    _, truth = exact_knn(source, queries.vectors, 10, config.chunk_size, gpu=gpu)
+    tuned = tune_search_params(index, plan, queries.vectors, truth, config.target_recall)
+    log(
+        f"[{name}] recall@10 {tuned.recall:.4f} with {tuned.params or 'exact search'} "
+        f"({len(queries.vectors)} {queries.description}; tuned in "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    if not tuned.reached:
+        log(
+            f"[{name}] WARNING: target recall@10 {config.target_recall} not reached by "
+            f"{plan.kind} (best {tuned.recall:.4f}); a larger --memory-budget allows more "
+            "precise codes"
+        )
+    return tuned
 
 
 def _load_queries(value: np.ndarray | str | os.PathLike[str], dim: int) -> Queries:

@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n".join(__doc__.split("\n")[2:]),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_embed, _add_build, _add_search, _add_serve, _add_loadtest):
+        add(sub)
+    return parser
 
+
+def _add_embed(sub: Any) -> None:
+    """The ``embed`` subcommand's flags."""
     p = sub.add_parser("embed", help="embed shards into EMB_DIR (image/text .npy + metadata)")
     p.add_argument(
         "--model",
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo all parts, even complete ones (default: keep complete parts)",
     )
 
+
+def _add_build(sub: Any) -> None:
+    """The ``build`` subcommand's flags."""
     p = sub.add_parser("build", help="build FAISS indexes from EMB_DIR into INDEX_DIR")
     p.add_argument("--embeddings", required=True, help="EMB_DIR written by embed")
     p.add_argument("--out", required=True, help="output INDEX_DIR")
@@ -159,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false",
                      help="CPU only (default: the GPU when FAISS sees one)")  # fmt: skip
 
+
+def _add_search(sub: Any) -> None:
+    """The ``search`` subcommand's flags."""
     p = sub.add_parser("search", help="query an index by text or image")
     p.add_argument("--index", required=True, help="INDEX_DIR")
     p.add_argument(
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON instead of a table (default: a table)"
     )
 
+
+def _add_serve(sub: Any) -> None:
+    """The ``serve`` subcommand's flags."""
     p = sub.add_parser(
         "serve",
         help="HTTP search API and web page over an index",
@@ -228,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=15.0, metavar="S",
                    help="seconds an idle kept-alive connection stays open")  # fmt: skip
 
+
+def _add_loadtest(sub: Any) -> None:
+    """The ``loadtest`` subcommand's flags."""
     # --- loadtest (index/loadtest.py) ---------------------------------------------------------
     p = sub.add_parser(
         "loadtest",
@@ -247,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "Authorization: Bearer KEY (and given to a service the load test starts); "
                    "None: $CLIPFORGE_API_KEY if set, else no key")  # fmt: skip
     p.add_argument("--json", help="also write the figures to this file (None: do not)")
-    return parser
 
 
 # ----------------------------------------------------------------------------- commands

@@ -302,6 +302,17 @@ class _PartBuffer:
     def count(self) -> int:
         return len(self.keys)
 
+    def add(self, batch: dict[str, Any], emb: dict[str, np.ndarray]) -> None:
+        """Append one batch's rows: its (B, D) embeddings and its metadata."""
+        if "image" in emb:
+            self.image.append(emb["image"])
+        if "text" in emb:
+            self.text.append(emb["text"])
+        self.keys.extend(batch["key"])
+        self.captions.extend(batch["caption"])
+        self.urls.extend(batch["url"])
+        self.sources.extend(_source(m) for m in batch["meta"])
+
 
 def _metadata_table(
     buf: _PartBuffer, members: dict[str, list[tuple[str, str, int, int]] | None]
@@ -610,81 +621,13 @@ def _embed_parts(
     model_cfg: dict[str, Any],
     counts: dict[str, int | None],
 ) -> EmbedResult:
-    device = next(loaded.model.parameters()).device
-    mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
-    kept, todo = [], []
-    for p in mine:
-        marker = None if config.overwrite else read_part_marker(out, p)
-        if marker is not None:
-            _check_marker(marker, out, p, parts[p], run)
-            kept.append(p)
-        else:
-            todo.append(p)
-    if kept:
-        log.info("rank %d: %d part(s) already complete, kept: %s", info.rank, len(kept), kept)
-    for p in todo:  # leftovers of a killed writer of this part (temps carry a dead pid)
-        for rel in [*part_files(p, MODALITIES), f"{PARTS_DIR}/part_{p}.json"]:
-            remove_stale_temps(out / rel)
-        marker_path(out, p).unlink(missing_ok=True)
-
+    kept, todo = _sort_parts(config, info, out, parts, run)
     t0 = time.perf_counter()
     written: list[int] = []
     skipped: Counter[str] = Counter()
     samples = 0
     if todo:
-        per_sample, per_batch = loaded.image_transforms()
-        tokenizer = loaded.tokenizer if "text" in config.modalities else None
-        # On a GPU, uint8 batches travel (4x fewer bytes) and are normalised there; on a CPU the
-        # workers normalise, off the main process that runs the model.
-        on_device = device.type == "cuda"
-        stream = _PartStream(
-            [(p, parts[p]) for p in todo],
-            per_sample,
-            None if on_device else per_batch,
-            tokenizer,
-            config.batch_size,
-            counts,
-        )
-        workers = min(config.workers, len(todo))
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        total = _manifest_total([u for p in todo for u in parts[p]])
-        # Rank 0 shows its own progress (the others' would interleave); all ranks run alike.
-        label = "embed" if info.world_size == 1 else f"embed (rank 0 of {info.world_size})"
-        progress = _Progress(config.progress, total, enabled=info.is_main, label=label)
-        buffers: dict[int, _PartBuffer] = {}
-        try:
-            for batch in loader:
-                part = batch["part"] if "part" in batch else batch["part_end"]
-                buf = buffers.setdefault(part, _PartBuffer())
-                buf.skipped.update(batch["skipped"])
-                skipped.update(batch["skipped"])
-                if "part_end" in batch:
-                    _write_part(out, part, parts[part], buffers.pop(part), batch["members"], run)
-                    written.append(part)
-                    continue
-                if not batch["caption"]:
-                    continue  # an empty batch only hands over skip counts
-                emb = _encode_batch(
-                    loaded, batch, config.modalities, device, per_batch if on_device else None
-                )
-                if "image" in emb:
-                    buf.image.append(emb["image"])
-                if "text" in emb:
-                    buf.text.append(emb["text"])
-                buf.keys.extend(batch["key"])
-                buf.captions.extend(batch["caption"])
-                buf.urls.extend(batch["url"])
-                buf.sources.extend(_source(m) for m in batch["meta"])
-                samples += len(batch["key"])
-                progress.update(len(batch["key"]))
-        finally:
-            progress.close()
+        written, skipped, samples = _embed_todo(config, loaded, info, out, parts, todo, run, counts)
     seconds = time.perf_counter() - t0
     if skipped:
         n_bad = sum(skipped.values())
@@ -700,6 +643,94 @@ def _embed_parts(
     return EmbedResult(
         out, tuple(written), tuple(kept), samples, seconds, dict(skipped), manifest, info.world_size
     )
+
+
+def _sort_parts(
+    config: EmbedConfig, info: DistInfo, out: Path, parts: list[tuple[str, ...]], run: EmbedRun
+) -> tuple[list[int], list[int]]:
+    """This rank's parts as ``(kept, todo)``: complete ones of this same run are kept (resume),
+    the others are cleared of a killed writer's leftovers and redone."""
+    mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
+    kept, todo = [], []
+    for p in mine:
+        marker = None if config.overwrite else read_part_marker(out, p)
+        if marker is not None:
+            _check_marker(marker, out, p, parts[p], run)
+            kept.append(p)
+        else:
+            todo.append(p)
+    if kept:
+        log.info("rank %d: %d part(s) already complete, kept: %s", info.rank, len(kept), kept)
+    for p in todo:  # leftovers of a killed writer of this part (temps carry a dead pid)
+        for rel in [*part_files(p, MODALITIES), f"{PARTS_DIR}/part_{p}.json"]:
+            remove_stale_temps(out / rel)
+        marker_path(out, p).unlink(missing_ok=True)
+    return kept, todo
+
+
+def _embed_todo(
+    config: EmbedConfig,
+    loaded: LoadedModel,
+    info: DistInfo,
+    out: Path,
+    parts: list[tuple[str, ...]],
+    todo: list[int],
+    run: EmbedRun,
+    counts: dict[str, int | None],
+) -> tuple[list[int], Counter[str], int]:
+    """Embed parts ``todo`` and write each when its end marker arrives; return
+    ``(parts written, skipped samples by reason, samples embedded)``."""
+    device = next(loaded.model.parameters()).device
+    per_sample, per_batch = loaded.image_transforms()
+    tokenizer = loaded.tokenizer if "text" in config.modalities else None
+    # On a GPU, uint8 batches travel (4x fewer bytes) and are normalised there; on a CPU the
+    # workers normalise, off the main process that runs the model.
+    on_device = device.type == "cuda"
+    stream = _PartStream(
+        [(p, parts[p]) for p in todo],
+        per_sample,
+        None if on_device else per_batch,
+        tokenizer,
+        config.batch_size,
+        counts,
+    )
+    workers = min(config.workers, len(todo))
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    total = _manifest_total([u for p in todo for u in parts[p]])
+    # Rank 0 shows its own progress (the others' would interleave); all ranks run alike.
+    label = "embed" if info.world_size == 1 else f"embed (rank 0 of {info.world_size})"
+    progress = _Progress(config.progress, total, enabled=info.is_main, label=label)
+    written: list[int] = []
+    skipped: Counter[str] = Counter()
+    samples = 0
+    buffers: dict[int, _PartBuffer] = {}
+    try:
+        for batch in loader:
+            part = batch["part"] if "part" in batch else batch["part_end"]
+            buf = buffers.setdefault(part, _PartBuffer())
+            buf.skipped.update(batch["skipped"])
+            skipped.update(batch["skipped"])
+            if "part_end" in batch:
+                _write_part(out, part, parts[part], buffers.pop(part), batch["members"], run)
+                written.append(part)
+                continue
+            if not batch["caption"]:
+                continue  # an empty batch only hands over skip counts
+            emb = _encode_batch(
+                loaded, batch, config.modalities, device, per_batch if on_device else None
+            )
+            buf.add(batch, emb)
+            samples += len(batch["key"])
+            progress.update(len(batch["key"]))
+    finally:
+        progress.close()
+    return written, skipped, samples
 
 
 def model_config(loaded: LoadedModel, model_name: str | None = None) -> dict[str, Any]:
