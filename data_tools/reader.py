@@ -222,8 +222,11 @@ class _RawSample:
     """Per extension: (member name, data offset in the shard file or -1, size in bytes)."""
 
 
-class _Skips:
-    """Per-worker skip counter; ``take()`` hands over the counts since the last call."""
+class SkipCounter:
+    """Per-worker skip counter; ``take()`` hands over the counts since the last call.
+
+    Public so that a stream built on the reader's stages (index embed's per-part stream) counts
+    and raises by the same ``on_error`` policy as the reader itself."""
 
     def __init__(self, on_error: str) -> None:
         self.on_error = on_error
@@ -246,7 +249,12 @@ class _Skips:
         return out
 
 
-def iter_tar_samples(url: str, skips: _Skips, expected: int | None = None) -> Iterator[_RawSample]:
+_Skips = SkipCounter  # the name it had before it was public (kept for existing importers)
+
+
+def iter_tar_samples(
+    url: str, skips: SkipCounter, expected: int | None = None
+) -> Iterator[_RawSample]:
     """Stage 2: the samples of one shard. A truncated or unreadable shard is counted, not fatal:
     as the samples it lost (``expected``, the manifest's count, less those read) when
     ``expected`` is known, else as 1."""
@@ -409,14 +417,14 @@ class ShardStream(IterableDataset):
         epoch = self.position.epoch
         seed = (self.config.seed, epoch, self.rank, worker)
         rng = random.Random(repr(seed))
-        skips = _Skips(self.config.on_error)
+        skips = SkipCounter(self.config.on_error)
 
         urls = self._shard_urls(rng, worker, num_workers, epoch)
         parent = None if info is None else (_PARENT if _PARENT is not None else os.getppid())
         raw = self._read_shards(urls, skips, worker, parent)
         raw = shuffle_buffer(raw, self.config.shuffle_buffer, rng)
         try:
-            yield from self._batches(raw, skips, worker, consumed, seed)
+            yield from self.batches(raw, skips, worker, consumed, seed)
         except ShardsUnreadableError as e:
             if info is None:
                 raise
@@ -425,7 +433,7 @@ class ShardStream(IterableDataset):
             yield {"error": str(e), "skipped": skips.take(), "worker": worker, "caption": []}
 
     def _read_shards(
-        self, urls: Iterator[str], skips: _Skips, worker: int, parent_pid: int | None
+        self, urls: Iterator[str], skips: SkipCounter, worker: int, parent_pid: int | None
     ) -> Iterator[_RawSample]:
         """Stage 2 over this worker's shards, counting shards in a row that yield nothing."""
         # sample_counts is empty for a source built without manifests: no counts, not an error
@@ -469,14 +477,19 @@ class ShardStream(IterableDataset):
         reader = self.rank * num_workers + worker
         yield from urls[reader :: self.world_size * num_workers]
 
-    def _batches(
+    def batches(
         self,
         raw: Iterator[_RawSample],
-        skips: _Skips,
+        skips: SkipCounter,
         worker: int,
         consumed: int,
         seed: tuple[int, ...],
     ) -> Iterator[dict[str, Any]]:
+        """Stages 4-6 over raw samples: skip the first ``consumed`` (resume), decode, count bad
+        samples in ``skips``, transform (seeded per ``seed`` + sample position) and batch.
+
+        Public for streams that choose their own samples (embed reads whole parts per worker)
+        but must decode, skip and batch exactly as training and eval do."""
         images: list[torch.Tensor] = []
         rows: list[tuple[str, str, str, Any]] = []
         n_raw = 0
@@ -498,7 +511,7 @@ class ShardStream(IterableDataset):
             yield self._collate([], [], skips, worker, n_raw)
 
     def _decode(
-        self, sample: _RawSample, skips: _Skips, seed: tuple[int, ...], n_raw: int
+        self, sample: _RawSample, skips: SkipCounter, seed: tuple[int, ...], n_raw: int
     ) -> tuple[torch.Tensor, str, str, str, Any] | None:
         where = f"{sample.url}:{sample.key}"
         ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in sample.members), None)
@@ -541,7 +554,7 @@ class ShardStream(IterableDataset):
         self,
         images: list[torch.Tensor],
         rows: list[tuple[str, str, str, Any]],
-        skips: _Skips,
+        skips: SkipCounter,
         worker: int,
         n_raw: int,
     ) -> dict[str, Any]:

@@ -74,13 +74,12 @@ def measure_index(
     """Recall vs ``truth`` (nq, k) and batched / single-query speed of a FAISS ``index``."""
     import faiss
 
+    from clipforge.index.tune import recall_1_at_k, recall_at_k
+
     q = np.ascontiguousarray(queries, dtype=np.float32)  # (nq, D)
     _, found = index.search(q, k)  # (nq, k); also warms caches
-    hits = (found[:, :, None] == truth[:, None, :]) & (found[:, :, None] >= 0)  # (nq, k, k)
-    out = {
-        "recall": float(hits.any(axis=2).sum(axis=1).mean() / k),
-        "recall_1": float((found == truth[:, :1]).any(axis=1).mean()),
-    }
+    # the build's own Recall@k (clipforge.index.tune), so both report the same measure
+    out = {"recall": recall_at_k(found, truth, k), "recall_1": recall_1_at_k(found, truth, k)}
     best = float("inf")
     for _ in range(cfg.batch_repeats):
         t0 = time.perf_counter()
@@ -112,8 +111,9 @@ def run_index_quality(
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """The index-quality result object (one entry per modality index)."""
-    from clipforge.index.build import exact_knn, open_vectors
-    from clipforge.index.store import open_index, read_index_manifest
+    from clipforge.index.emb_dir import open_vectors
+    from clipforge.index.store import modality_entry, open_index, read_index_manifest
+    from clipforge.index.tune import exact_knn
 
     t0 = time.perf_counter()
     d = Path(index_dir)
@@ -127,7 +127,8 @@ def run_index_quality(
     if cfg.k < 1 or cfg.queries < 1:
         raise EvalDataError("--k and --queries must be >= 1")
     metrics: dict[str, Any] = {}
-    for modality, info in manifest["modalities"].items():
+    for modality in manifest["modalities"]:
+        entry = modality_entry(manifest, modality)
         other = "text" if modality == "image" else "image"
         try:
             qsrc = open_vectors(emb_dir, other)
@@ -135,7 +136,7 @@ def run_index_quality(
             continue  # no cross-modal queries for this index
         source = open_vectors(emb_dir, modality)
         ids = held_out_ids(
-            qsrc.count, cfg.queries, 1234 + 1, int(info.get("num_recall_queries", 1000)), cfg.seed
+            qsrc.count, cfg.queries, 1234 + 1, entry.num_recall_queries or 1000, cfg.seed
         )
         note = "held out from tuning"
         if len(ids) == 0:  # the build tuned on every row: say so rather than report nothing
@@ -147,11 +148,11 @@ def run_index_quality(
         rss0 = _rss_bytes()
         opened = open_index(d, modality)
         rss1 = _rss_bytes()
-        m = measure_index(opened.index, queries, truth, k, cfg)
+        m: dict[str, Any] = dict(measure_index(opened.index, queries, truth, k, cfg))
         m.update(
             {
-                "factory": info.get("factory", info.get("kind", "?")),
-                "search_params": info.get("search_params", {}),
+                "factory": entry.factory or entry.kind or "?",
+                "search_params": entry.search_params,
                 "queries": len(queries),
                 "query_kind": f"{other} embeddings, cross-modal, {note}",
                 "k": k,
@@ -160,8 +161,8 @@ def run_index_quality(
                 # process RSS growth on loading also counts allocator and metadata overhead.
                 "memory_mb": _index_bytes(opened.index) / 2**20,
                 "rss_growth_mb": max(rss1 - rss0, 0) / 2**20,
-                "file_mb": int(info.get("size_bytes", 0)) / 2**20,
-                "build_recall_at_10": info.get("measured_recall_at_10"),
+                "file_mb": (entry.size_bytes or 0) / 2**20,
+                "build_recall_at_10": entry.measured_recall_at_10,
             }
         )
         metrics[f"{modality}.index"] = m

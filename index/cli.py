@@ -1,4 +1,8 @@
-"""clipforge-index: embed a collection, build its FAISS index, search it, benchmark it.
+"""clipforge-index: embed a collection, build its FAISS index, search and serve it.
+
+The benchmarks against peer tools are not product commands: they live in the repository's
+``benchmarks/`` folder (``python -m benchmarks.index_vs_autofaiss``,
+``python -m benchmarks.embed_throughput``).
 
 clipforge-index embed  --model runs/tiny --data demo-data --out demo-emb
 clipforge-index build  --embeddings demo-emb --out demo-index [--kind auto --target-recall 0.95]
@@ -13,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -54,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n".join(__doc__.split("\n")[2:]),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_embed, _add_build, _add_search, _add_serve, _add_loadtest):
+        add(sub)
+    return parser
 
+
+def _add_embed(sub: Any) -> None:
+    """The ``embed`` subcommand's flags."""
     p = sub.add_parser("embed", help="embed shards into EMB_DIR (image/text .npy + metadata)")
     p.add_argument(
         "--model",
@@ -115,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo all parts, even complete ones (default: keep complete parts)",
     )
 
+
+def _add_build(sub: Any) -> None:
+    """The ``build`` subcommand's flags."""
     p = sub.add_parser("build", help="build FAISS indexes from EMB_DIR into INDEX_DIR")
     p.add_argument("--embeddings", required=True, help="EMB_DIR written by embed")
     p.add_argument("--out", required=True, help="output INDEX_DIR")
@@ -156,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false",
                      help="CPU only (default: the GPU when FAISS sees one)")  # fmt: skip
 
+
+def _add_search(sub: Any) -> None:
+    """The ``search`` subcommand's flags."""
     p = sub.add_parser("search", help="query an index by text or image")
     p.add_argument("--index", required=True, help="INDEX_DIR")
     p.add_argument(
@@ -186,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON instead of a table (default: a table)"
     )
 
+
+def _add_serve(sub: Any) -> None:
+    """The ``serve`` subcommand's flags."""
     p = sub.add_parser(
         "serve",
         help="HTTP search API and web page over an index",
@@ -225,71 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", type=float, default=15.0, metavar="S",
                    help="seconds an idle kept-alive connection stays open")  # fmt: skip
 
-    p = sub.add_parser(
-        "bench", help="index build/recall/QPS benchmark vs autofaiss (PEERS.md clustered data)"
-    )
-    p.add_argument(
-        "--n",
-        type=int,
-        default=1_000_000,
-        help="database size; quick: 100000 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--work-dir",
-        default="/tmp/clipforge_index_bench",
-        help="data and index cache (default: %(default)s)",
-    )
-    p.add_argument(
-        "--skip-peer", action="store_true", help="do not run autofaiss (default: run it)"
-    )
-    p.add_argument(
-        "--memory-budget", default="1G", help="index size bound of both (default: %(default)s)"
-    )
-    p.add_argument(
-        "--target-recall",
-        type=float,
-        default=0.95,
-        help="recall@10 clipforge tunes for (default: %(default)s)",
-    )
-    p.add_argument(
-        "--kind", default="auto", help="clipforge's index kind, as build's (default: %(default)s)"
-    )
-    p.add_argument(
-        "--peer-python",
-        help="python of the autofaiss venv (default: the benchmark's own peer venv)",
-    )
-    p.add_argument("--json", help="figures JSON (default: WORK_DIR/results.json)")
 
-    p = sub.add_parser(
-        "bench-embed", help="samples/s of embed vs a plain open_clip loop (same settings)"
-    )
-    p.add_argument("--model", required=True, help="run directory, model/ folder or checkpoint")
-    p.add_argument("--data", required=True, help="local uncompressed SHARDS")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=256,
-        help="samples per forward pass (default: %(default)s)",
-    )
-    p.add_argument(
-        "--workers", type=int, default=2, help="data-loader processes (default: %(default)s)"
-    )
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument(
-        "--modalities",
-        type=_modalities,
-        default=("image", "text"),
-        help="towers to run: image, text or image,text (default: image,text)",
-    )
-    p.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)"
-    )
-    p.add_argument(
-        "--repeats", type=int, default=2, help="best of N runs each (default: %(default)s)"
-    )
-    p.add_argument("--work-dir", help="scratch folder (default: a temporary one)")
-    p.add_argument("--json", help="also write the figures to this file (default: none)")
-
+def _add_loadtest(sub: Any) -> None:
+    """The ``loadtest`` subcommand's flags."""
     # --- loadtest (index/loadtest.py) ---------------------------------------------------------
     p = sub.add_parser(
         "loadtest",
@@ -309,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "Authorization: Bearer KEY (and given to a service the load test starts); "
                    "None: $CLIPFORGE_API_KEY if set, else no key")  # fmt: skip
     p.add_argument("--json", help="also write the figures to this file (None: do not)")
-    return parser
 
 
 # ----------------------------------------------------------------------------- commands
@@ -424,58 +379,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import DEFAULT_PEER_PYTHON, run_index_benchmark
-
-    report = run_index_benchmark(
-        n=args.n,
-        work_dir=args.work_dir,
-        skip_peer=args.skip_peer,
-        memory_budget=args.memory_budget,
-        target_recall=args.target_recall,
-        kind=args.kind,
-        peer_python=args.peer_python or DEFAULT_PEER_PYTHON,
-        json_out=args.json,
-        log=lambda line: print(line, flush=True),
-    )
-    return 0 if all("error" not in r for r in report["results"].values()) else 1
-
-
-def _cmd_bench_embed(args: argparse.Namespace) -> int:
-    from .embed import bench_embed
-
-    with tempfile.TemporaryDirectory(prefix="clipforge-bench-embed-") as tmp:
-        r = bench_embed(
-            args.model,
-            args.data,
-            args.work_dir or tmp,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            threads=args.threads,
-            modalities=args.modalities,
-            device=args.device,
-            repeats=args.repeats,
-        )
-    print(
-        f"bench-embed: {r.samples} samples, batch {r.batch_size}, {r.workers} worker(s), "
-        f"{r.threads} thread(s), {r.device}, modalities {','.join(args.modalities)}"
-    )
-    cpu_ratio = r.clipforge_samples_per_cpu_s / max(r.plain_samples_per_cpu_s, 1e-12)
-    print(f"{'':20}{'samples/s':>12}{'samples/CPU-s':>16}")
-    print(f"{'clipforge embed':20}{r.clipforge_samples_per_s:12.1f}"
-          f"{r.clipforge_samples_per_cpu_s:16.1f}")  # fmt: skip
-    print(f"{'plain open_clip':20}{r.plain_samples_per_s:12.1f}{r.plain_samples_per_cpu_s:16.1f}")
-    print(f"{'ratio':20}{r.ratio:11.2f}x{cpu_ratio:15.2f}x")
-    print(f"max |difference| of the embeddings: {r.max_abs_diff:.2e}")
-    if args.json:
-        from dataclasses import asdict
-
-        from clipforge.data_tools.atomic import write_json_atomic
-
-        write_json_atomic(args.json, {**asdict(r), "ratio": r.ratio})
-    return 0
-
-
 # --- loadtest (index/loadtest.py) -------------------------------------------------------------
 
 
@@ -514,8 +417,6 @@ COMMANDS = {
     "build": _cmd_build,
     "search": _cmd_search,
     "serve": _cmd_serve,
-    "bench": _cmd_bench,
-    "bench-embed": _cmd_bench_embed,
     "loadtest": _cmd_loadtest,
 }
 

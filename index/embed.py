@@ -1,13 +1,7 @@
 """Embed a sharded collection with a trained model into ``EMB_DIR`` (the clip-retrieval layout).
 
-``EMB_DIR`` layout (the contract with :mod:`clipforge.index.build`)::
-
-    img_emb/img_emb_{P}.npy         (n_P, D) float16|float32, L2-normalised image embeddings
-    text_emb/text_emb_{P}.npy       (n_P, D) caption embeddings, row i = the same sample
-    metadata/metadata_{P}.parquet   key, caption, shard, member, offset, size, source (row-aligned)
-    parts/part_{P}.json             completion marker of part P (written last, after its files)
-    model/                          the exact weights embedded with (open_clip export), by rank 0
-    embeddings.json                 written at the end by rank 0 from the markers
+The ``EMB_DIR`` layout, its part markers and its readers are :mod:`clipforge.index.emb_dir`
+(shared with the build, which reads what this writes).
 
 Parts: the shard list (in SHARDS order) is cut into groups of ``shards_per_part`` shards; part
 ``P`` is group ``P`` and belongs to rank ``P % world_size``. Numbering depends only on the shard
@@ -30,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipforge.data_tools.atomic import (
     TMP_MARKER,
@@ -57,7 +50,7 @@ from clipforge.data_tools.reader import (
     ReaderConfig,
     ShardSource,
     ShardStream,
-    _Skips,  # the reader's per-worker skip counter: we reuse its policy, per part
+    SkipCounter,
     iter_tar_samples,
     parse_shard_spec,
 )
@@ -66,7 +59,6 @@ from clipforge.data_tools.shardformat import (
     is_remote,
     read_manifest,
     sha256_file,
-    split_member_name,
 )
 from clipforge.pretrain.distributed import DistInfo, barrier, init_distributed, shutdown
 from clipforge.pretrain.models import (
@@ -79,30 +71,44 @@ from clipforge.pretrain.models import (
 )
 
 from . import store
-from .build import EMB_LAYOUT, EMBEDDINGS_FORMAT, EMBEDDINGS_MANIFEST
+from .emb_dir import (
+    DTYPES,
+    EMB_LAYOUT,
+    EMBEDDINGS_FORMAT,
+    EMBEDDINGS_MANIFEST,
+    METADATA_DIR,
+    METADATA_SCHEMA,
+    MODALITIES,
+    PARTS_DIR,
+    EmbedError,
+    EmbedRun,
+    PartMarker,
+    iter_parts,
+    marker_path,
+    metadata_file,
+    part_files,
+    read_member_bytes,
+    read_part_marker,
+)
 
 log = logging.getLogger(__name__)
 
-PART_FORMAT = "clipforge-embeddings-part/1"
-PARTS_DIR = "parts"
-METADATA_DIR = "metadata"
-MODALITIES = ("image", "text")
-DTYPES = ("float16", "float32")
-METADATA_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("shard", pa.string()),
-        ("member", pa.string()),
-        ("offset", pa.int64()),
-        ("size", pa.int64()),
-        ("source", pa.string()),
-    ]
-)
-
-
-class EmbedError(ValueError):
-    """Bad embed input or an ``EMB_DIR`` that cannot be resumed (the message names what)."""
+__all__ = [
+    "EmbedConfig",
+    "EmbedError",
+    "EmbedResult",
+    "autocast_for",
+    "embed",
+    "iter_parts",
+    "marker_path",
+    "model_config",
+    "plan_parts",
+    "read_member_bytes",
+    "read_part_marker",
+    "record_model",
+    "resolve_device",
+    "write_embeddings_manifest",
+]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -188,17 +194,6 @@ class EmbedResult:
 # ----------------------------------------------------------------------------- layout helpers
 
 
-def part_files(part: int, modalities: Sequence[str]) -> list[str]:
-    """Paths (relative to ``EMB_DIR``) of part ``part``'s data files, marker excluded."""
-    files = [f"{EMB_LAYOUT[m][0]}/{EMB_LAYOUT[m][1]}_{part}.npy" for m in modalities]
-    return [*files, f"{METADATA_DIR}/metadata_{part}.parquet"]
-
-
-def marker_path(out_dir: str | os.PathLike[str], part: int) -> Path:
-    """The completion marker of part ``part``."""
-    return Path(out_dir) / PARTS_DIR / f"part_{part}.json"
-
-
 def plan_parts(shards: Sequence[str], shards_per_part: int = 1) -> list[tuple[str, ...]]:
     """Cut the shard list into parts, in order: part ``P`` = shards ``[P*s, (P+1)*s)``."""
     if shards_per_part < 1:
@@ -211,28 +206,18 @@ def _shard_id(url: str) -> str:
     return url if is_remote(url) else os.path.abspath(url)
 
 
-def read_member_bytes(shard: str | os.PathLike[str], offset: int, size: int) -> bytes:
-    """The ``size`` bytes at ``offset`` of a local shard: an image member by random access."""
-    if offset < 0 or size < 0:
-        raise EmbedError(f"{shard}: no byte offset recorded (remote or compressed shard)")
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise EmbedError(f"{shard}: {size} bytes at offset {offset} requested, {len(data)} read")
-    return data
-
-
 # ----------------------------------------------------------------------------- the stream
 
 
-class _PartStream(ShardStream):
+class _PartStream(IterableDataset):
     """The reader's stream, iterated part by part: worker ``w`` reads whole parts ``w::W``.
 
-    Reuses the reader's decoding, skip policy and batching (``ShardStream._batches``) on each
+    Runs the reader's decoding, skip policy and batching (:meth:`ShardStream.batches`) on each
     part's shards, so embedding sees exactly the samples training and eval see. Batches never
     span parts; after each part comes an end marker ``{"part_end": P, "members": ...}`` with
     the tar member offsets of its shards (scanned in the worker, off the model's critical path).
+    Whole parts per worker (not the reader's shard-per-worker split) so that each part's rows
+    come from one worker in shard order and its skipped samples are counted against it.
     """
 
     def __init__(
@@ -244,31 +229,34 @@ class _PartStream(ShardStream):
         batch_size: int,
         sample_counts: dict[str, int | None] | None = None,
     ) -> None:
+        super().__init__()
         urls = tuple(u for _, shards in parts for u in shards)
         self.expected = dict(sample_counts or {})
         """Manifest sample count per shard URL (None or absent: unknown)."""
-        super().__init__(
+        self.reader = ShardStream(
             [ShardSource(urls)],
             image_transform,
             batch_transform,
             tokenizer,
             ReaderConfig(batch_size),
         )
+        """Decodes and batches each part's samples (its own shard split is not used)."""
         self.parts = list(parts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        config = self.reader.config
         for part, shards in self.parts[worker::num_workers]:
-            skips = _Skips(self.config.on_error)
+            skips = SkipCounter(config.on_error)
             members: dict[str, list[tuple[str, str, int, int]] | None] = {}
             raw = (
                 s
                 for url in shards
                 for s in _recording_members(url, skips, members, self.expected.get(url))
             )
-            seed = (self.config.seed, 0, part, 0)  # eval transforms draw nothing; kept stable
-            for batch in self._batches(raw, skips, worker, 0, seed):
+            seed = (config.seed, 0, part, 0)  # eval transforms draw nothing; kept stable
+            for batch in self.reader.batches(raw, skips, worker, 0, seed):
                 batch["part"] = part
                 yield batch
             yield {"part_end": part, "members": members, "skipped": skips.take()}
@@ -276,7 +264,7 @@ class _PartStream(ShardStream):
 
 def _recording_members(
     url: str,
-    skips: _Skips,
+    skips: SkipCounter,
     members: dict[str, list[tuple[str, str, int, int]] | None],
     expected: int | None = None,
 ) -> Iterator[Any]:
@@ -313,6 +301,17 @@ class _PartBuffer:
     @property
     def count(self) -> int:
         return len(self.keys)
+
+    def add(self, batch: dict[str, Any], emb: dict[str, np.ndarray]) -> None:
+        """Append one batch's rows: its (B, D) embeddings and its metadata."""
+        if "image" in emb:
+            self.image.append(emb["image"])
+        if "text" in emb:
+            self.text.append(emb["text"])
+        self.keys.extend(batch["key"])
+        self.captions.extend(batch["caption"])
+        self.urls.extend(batch["url"])
+        self.sources.extend(_source(m) for m in batch["meta"])
 
 
 def _metadata_table(
@@ -364,15 +363,15 @@ def _write_part(
     shards: tuple[str, ...],
     buf: _PartBuffer,
     members: dict[str, Any],
-    run: dict[str, Any],
-) -> dict[str, Any]:
+    run: EmbedRun,
+) -> PartMarker:
     """Write part ``part``'s files atomically, then its marker; return the marker. If any
     write fails (a full disk), the part's files this call already wrote are removed: a part is
     all its files and its marker, or nothing."""
     try:
         return _write_part_files(out, part, shards, buf, members, run)
     except BaseException:
-        for rel in part_files(part, run["modalities"]):
+        for rel in part_files(part, run.modalities):
             (out / rel).unlink(missing_ok=True)
         raise
 
@@ -383,83 +382,55 @@ def _write_part_files(
     shards: tuple[str, ...],
     buf: _PartBuffer,
     members: dict[str, Any],
-    run: dict[str, Any],
-) -> dict[str, Any]:
-    dim, dtype = run["dim"], np.dtype(run["dtype"])
+    run: EmbedRun,
+) -> PartMarker:
+    dim, dtype = run.dim, np.dtype(run.dtype)
     arrays = {
         "image": np.concatenate(buf.image) if buf.image else np.zeros((0, dim), np.float32),
         "text": np.concatenate(buf.text) if buf.text else np.zeros((0, dim), np.float32),
     }
     files: dict[str, dict[str, Any]] = {}
-    for m in run["modalities"]:
+    for m in run.modalities:
         rel = part_files(part, [m])[0]
         arr = arrays[m].astype(dtype)  # (n_P, D)
         if arr.shape != (buf.count, dim):
             raise RuntimeError(f"part {part}: {m} array {arr.shape} != ({buf.count}, {dim})")
         _save_npy(out / rel, arr)
         files[rel] = {}
-    meta_rel = part_files(part, [])[0]
+    meta_rel = metadata_file(part)
     table = _metadata_table(buf, members)
     with atomic_output(out / meta_rel) as tmp:
         pq.write_table(table, tmp)
     files[meta_rel] = {}
     for rel in files:
         files[rel] = {"size_bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
-    marker = {
-        "format": PART_FORMAT,
-        "part": part,
-        "shards": [_shard_id(u) for u in shards],
-        "count": buf.count,
-        "dim": dim,
-        "dtype": run["dtype"],
-        "modalities": list(run["modalities"]),
-        "model_hash": run["model_hash"],
-        "skipped": dict(sorted(buf.skipped.items())),
-        "files": files,
-    }
-    write_json_atomic(marker_path(out, part), marker)  # last: the part is now complete
+    marker = PartMarker(
+        part=part,
+        shards=tuple(_shard_id(u) for u in shards),
+        count=buf.count,
+        run=run,
+        files=files,
+        skipped=dict(buf.skipped),
+    )
+    # last: the part is now complete
+    write_json_atomic(marker_path(out, part), marker.to_json())
     return marker
 
 
-def read_part_marker(out_dir: str | os.PathLike[str], part: int) -> dict[str, Any] | None:
-    """Part ``part``'s marker, or None when the part is not complete (no or unreadable marker,
-    or a recorded file missing or of another size)."""
-    out = Path(out_dir)
-    path = marker_path(out, part)
-    try:
-        marker = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        log.warning("%s is unreadable: part %d will be redone", path, part)
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != PART_FORMAT:
-        log.warning("%s is not a part marker: part %d will be redone", path, part)
-        return None
-    for rel, rec in marker.get("files", {}).items():
-        f = out / rel
-        if not f.is_file() or f.stat().st_size != rec.get("size_bytes"):
-            log.warning("%s: %s is missing or resized: part %d will be redone", path, rel, part)
-            return None
-    return marker
-
-
-def _check_marker(marker: dict[str, Any], part: int, shards: tuple[str, ...], run: dict) -> None:
+def _check_marker(
+    marker: PartMarker, out: Path, part: int, shards: tuple[str, ...], run: EmbedRun
+) -> None:
     """A complete part of another run (other shards, model, dtype, modalities) is an error:
     mixing it in would silently produce a collection no single run made."""
-    where = f"{marker_path(run['out'], part)}"
-    expected = {
-        "shards": [_shard_id(u) for u in shards],
-        "model_hash": run["model_hash"],
-        "dtype": run["dtype"],
-        "modalities": list(run["modalities"]),
-        "dim": run["dim"],
-    }
-    for name, value in expected.items():
-        if marker.get(name) != value:
+    where = f"{marker_path(out, part)}"
+    found = marker.to_json()
+    expected = {"shards": [_shard_id(u) for u in shards], **run.to_json()}
+    for name in ("shards", "model_hash", "dtype", "modalities", "dim"):
+        if found[name] != expected[name]:
             raise EmbedError(
-                f"{where}: this EMB_DIR holds a part made with {name}={marker.get(name)!r}, this "
-                f"run has {name}={value!r}; use another --out, or --overwrite to redo every part"
+                f"{where}: this EMB_DIR holds a part made with {name}={found[name]!r}, this "
+                f"run has {name}={expected[name]!r}; use another --out, or --overwrite to redo "
+                "every part"
             )
 
 
@@ -524,7 +495,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on GPUs (tensor-core speed; embeddings are normalised in float32 after)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -539,7 +510,7 @@ def _encode_batch(
     normalize: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast_for(device):
         if "image" in modalities:
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
             if normalize is not None:  # uint8 -> normalised float, here on the GPU
@@ -617,13 +588,12 @@ def _embed(
     # Read now, while the model's source is what was loaded: training may re-export or prune it
     # before the end of the run, when the weights are recorded.
     model_cfg = model_config(loaded, config.model_name)
-    run = {
-        "out": out,
-        "dim": _embed_dim(loaded),
-        "dtype": config.dtype,
-        "modalities": list(config.modalities),
-        "model_hash": loaded.model_hash,
-    }
+    run = EmbedRun(
+        dim=_embed_dim(loaded),
+        dtype=config.dtype,
+        modalities=tuple(config.modalities),
+        model_hash=loaded.model_hash,
+    )
     subdirs = [out / d for d in (*(f for f, _ in EMB_LAYOUT.values()), METADATA_DIR, PARTS_DIR)]
     fresh = [d for d in subdirs if not d.exists()]
     created = make_dirs(out)
@@ -647,85 +617,17 @@ def _embed_parts(
     info: DistInfo,
     out: Path,
     parts: list[tuple[str, ...]],
-    run: dict[str, Any],
+    run: EmbedRun,
     model_cfg: dict[str, Any],
     counts: dict[str, int | None],
 ) -> EmbedResult:
-    device = next(loaded.model.parameters()).device
-    mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
-    kept, todo = [], []
-    for p in mine:
-        marker = None if config.overwrite else read_part_marker(out, p)
-        if marker is not None:
-            _check_marker(marker, p, parts[p], run)
-            kept.append(p)
-        else:
-            todo.append(p)
-    if kept:
-        log.info("rank %d: %d part(s) already complete, kept: %s", info.rank, len(kept), kept)
-    for p in todo:  # leftovers of a killed writer of this part (temps carry a dead pid)
-        for rel in [*part_files(p, MODALITIES), f"{PARTS_DIR}/part_{p}.json"]:
-            remove_stale_temps(out / rel)
-        marker_path(out, p).unlink(missing_ok=True)
-
+    kept, todo = _sort_parts(config, info, out, parts, run)
     t0 = time.perf_counter()
     written: list[int] = []
     skipped: Counter[str] = Counter()
     samples = 0
     if todo:
-        per_sample, per_batch = loaded.image_transforms()
-        tokenizer = loaded.tokenizer if "text" in config.modalities else None
-        # On a GPU, uint8 batches travel (4x fewer bytes) and are normalised there; on a CPU the
-        # workers normalise, off the main process that runs the model.
-        on_device = device.type == "cuda"
-        stream = _PartStream(
-            [(p, parts[p]) for p in todo],
-            per_sample,
-            None if on_device else per_batch,
-            tokenizer,
-            config.batch_size,
-            counts,
-        )
-        workers = min(config.workers, len(todo))
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        total = _manifest_total([u for p in todo for u in parts[p]])
-        # Rank 0 shows its own progress (the others' would interleave); all ranks run alike.
-        label = "embed" if info.world_size == 1 else f"embed (rank 0 of {info.world_size})"
-        progress = _Progress(config.progress, total, enabled=info.is_main, label=label)
-        buffers: dict[int, _PartBuffer] = {}
-        try:
-            for batch in loader:
-                part = batch["part"] if "part" in batch else batch["part_end"]
-                buf = buffers.setdefault(part, _PartBuffer())
-                buf.skipped.update(batch["skipped"])
-                skipped.update(batch["skipped"])
-                if "part_end" in batch:
-                    _write_part(out, part, parts[part], buffers.pop(part), batch["members"], run)
-                    written.append(part)
-                    continue
-                if not batch["caption"]:
-                    continue  # an empty batch only hands over skip counts
-                emb = _encode_batch(
-                    loaded, batch, config.modalities, device, per_batch if on_device else None
-                )
-                if "image" in emb:
-                    buf.image.append(emb["image"])
-                if "text" in emb:
-                    buf.text.append(emb["text"])
-                buf.keys.extend(batch["key"])
-                buf.captions.extend(batch["caption"])
-                buf.urls.extend(batch["url"])
-                buf.sources.extend(_source(m) for m in batch["meta"])
-                samples += len(batch["key"])
-                progress.update(len(batch["key"]))
-        finally:
-            progress.close()
+        written, skipped, samples = _embed_todo(config, loaded, info, out, parts, todo, run, counts)
     seconds = time.perf_counter() - t0
     if skipped:
         n_bad = sum(skipped.values())
@@ -741,6 +643,94 @@ def _embed_parts(
     return EmbedResult(
         out, tuple(written), tuple(kept), samples, seconds, dict(skipped), manifest, info.world_size
     )
+
+
+def _sort_parts(
+    config: EmbedConfig, info: DistInfo, out: Path, parts: list[tuple[str, ...]], run: EmbedRun
+) -> tuple[list[int], list[int]]:
+    """This rank's parts as ``(kept, todo)``: complete ones of this same run are kept (resume),
+    the others are cleared of a killed writer's leftovers and redone."""
+    mine = [p for p in range(len(parts)) if p % info.world_size == info.rank]
+    kept, todo = [], []
+    for p in mine:
+        marker = None if config.overwrite else read_part_marker(out, p)
+        if marker is not None:
+            _check_marker(marker, out, p, parts[p], run)
+            kept.append(p)
+        else:
+            todo.append(p)
+    if kept:
+        log.info("rank %d: %d part(s) already complete, kept: %s", info.rank, len(kept), kept)
+    for p in todo:  # leftovers of a killed writer of this part (temps carry a dead pid)
+        for rel in [*part_files(p, MODALITIES), f"{PARTS_DIR}/part_{p}.json"]:
+            remove_stale_temps(out / rel)
+        marker_path(out, p).unlink(missing_ok=True)
+    return kept, todo
+
+
+def _embed_todo(
+    config: EmbedConfig,
+    loaded: LoadedModel,
+    info: DistInfo,
+    out: Path,
+    parts: list[tuple[str, ...]],
+    todo: list[int],
+    run: EmbedRun,
+    counts: dict[str, int | None],
+) -> tuple[list[int], Counter[str], int]:
+    """Embed parts ``todo`` and write each when its end marker arrives; return
+    ``(parts written, skipped samples by reason, samples embedded)``."""
+    device = next(loaded.model.parameters()).device
+    per_sample, per_batch = loaded.image_transforms()
+    tokenizer = loaded.tokenizer if "text" in config.modalities else None
+    # On a GPU, uint8 batches travel (4x fewer bytes) and are normalised there; on a CPU the
+    # workers normalise, off the main process that runs the model.
+    on_device = device.type == "cuda"
+    stream = _PartStream(
+        [(p, parts[p]) for p in todo],
+        per_sample,
+        None if on_device else per_batch,
+        tokenizer,
+        config.batch_size,
+        counts,
+    )
+    workers = min(config.workers, len(todo))
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    total = _manifest_total([u for p in todo for u in parts[p]])
+    # Rank 0 shows its own progress (the others' would interleave); all ranks run alike.
+    label = "embed" if info.world_size == 1 else f"embed (rank 0 of {info.world_size})"
+    progress = _Progress(config.progress, total, enabled=info.is_main, label=label)
+    written: list[int] = []
+    skipped: Counter[str] = Counter()
+    samples = 0
+    buffers: dict[int, _PartBuffer] = {}
+    try:
+        for batch in loader:
+            part = batch["part"] if "part" in batch else batch["part_end"]
+            buf = buffers.setdefault(part, _PartBuffer())
+            buf.skipped.update(batch["skipped"])
+            skipped.update(batch["skipped"])
+            if "part_end" in batch:
+                _write_part(out, part, parts[part], buffers.pop(part), batch["members"], run)
+                written.append(part)
+                continue
+            if not batch["caption"]:
+                continue  # an empty batch only hands over skip counts
+            emb = _encode_batch(
+                loaded, batch, config.modalities, device, per_batch if on_device else None
+            )
+            buf.add(batch, emb)
+            samples += len(batch["key"])
+            progress.update(len(batch["key"]))
+    finally:
+        progress.close()
+    return written, skipped, samples
 
 
 def model_config(loaded: LoadedModel, model_name: str | None = None) -> dict[str, Any]:
@@ -868,7 +858,7 @@ def write_embeddings_manifest(
         markers.append(marker)
     skipped: Counter[str] = Counter()
     for m in markers:
-        skipped.update(m.get("skipped", {}))
+        skipped.update(m.skipped)
     manifest = {
         "format": EMBEDDINGS_FORMAT,
         "model_hash": loaded.model_hash,
@@ -876,242 +866,13 @@ def write_embeddings_manifest(
         "model_source": os.path.abspath(config.model),
         # The weights themselves, as they were when embedded (model_source may change since).
         "model": model_record,
-        "dim": markers[0]["dim"] if markers else _embed_dim(loaded),
+        "dim": markers[0].run.dim if markers else _embed_dim(loaded),
         "dtype": config.dtype,
         "modalities": list(config.modalities),
-        "count": sum(int(m["count"]) for m in markers),
-        "parts": [{"part": m["part"], "count": m["count"], "shards": m["shards"]} for m in markers],
+        "count": sum(m.count for m in markers),
+        "parts": [{"part": m.part, "count": m.count, "shards": list(m.shards)} for m in markers],
         "data": config.data,
         "skipped": dict(sorted(skipped.items())),
     }
     write_json_atomic(out / EMBEDDINGS_MANIFEST, manifest)
     return manifest
-
-
-def iter_parts(
-    emb_dir: str | os.PathLike[str],
-) -> Iterator[tuple[int, dict[str, np.ndarray], pa.Table]]:
-    """``(part, {modality: (n_P, D) array}, metadata)`` for each part of a finished ``EMB_DIR``
-    (arrays memory-mapped)."""
-    d = Path(emb_dir)
-    manifest = json.loads((d / EMBEDDINGS_MANIFEST).read_text())
-    for p in manifest["parts"]:
-        arrays = {
-            m: np.load(d / part_files(p["part"], [m])[0], mmap_mode="r")
-            for m in manifest["modalities"]
-        }
-        yield p["part"], arrays, pq.read_table(d / part_files(p["part"], [])[0])
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-@dataclass(frozen=True)
-class EmbedBenchResult:
-    """``clipforge-index bench-embed`` figures: clipforge embed vs a plain open_clip loop."""
-
-    samples: int
-    """Samples embedded per run (both pipelines embed the same samples)."""
-    clipforge_samples_per_s: float
-    """clipforge ``embed`` end to end (reader, model, part files, markers, embeddings.json)."""
-    plain_samples_per_s: float
-    """Plain loop: map-style Dataset, PIL decode, ``open_clip.image_transform``, DataLoader."""
-    clipforge_samples_per_cpu_s: float
-    """clipforge samples per CPU-second (main process + its data workers): robust to other
-    load on a shared machine, where wall-clock figures are not."""
-    plain_samples_per_cpu_s: float
-    """The plain loop's samples per CPU-second."""
-    max_abs_diff: float
-    """Largest |clipforge - plain| over all embedding values (float32): same inputs, same math."""
-    batch_size: int
-    """Batch size of both."""
-    workers: int
-    """Data-loader workers of both."""
-    threads: int
-    """torch intra-op threads of both."""
-    device: str
-    """Device of both."""
-
-    @property
-    def ratio(self) -> float:
-        """clipforge / plain throughput."""
-        return self.clipforge_samples_per_s / max(self.plain_samples_per_s, 1e-12)
-
-
-class _PlainTarDataset(torch.utils.data.Dataset):
-    """What a user would write with open_clip alone: samples indexed by tar offsets, decoded
-    with PIL and transformed by ``open_clip.image_transform``, captions tokenized per batch."""
-
-    def __init__(self, shards: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.items: list[tuple[str, str, int, int, int, int]] = []
-        for url in shards:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(url, mode="r:") as tar:
-                for info in tar:
-                    key, ext = split_member_name(info.name)
-                    groups.setdefault(key, {})[ext.lower()] = info
-            for key, members in groups.items():
-                ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
-                if ext is None or "txt" not in members:
-                    continue
-                img, txt = members[ext], members["txt"]
-                self.items.append((url, key, img.offset_data, img.size, txt.offset_data, txt.size))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
-        import io
-
-        from PIL import Image
-
-        from clipforge.data_tools.images import to_rgb
-
-        url, key, io_, isz, to_, tsz = self.items[i]
-        with open(url, "rb") as f:
-            f.seek(io_)
-            image_bytes = f.read(isz)
-            f.seek(to_)
-            caption = f.read(tsz).decode("utf-8").strip()
-        # to_rgb (alpha composited on white) as the reader does, so both see the same pixels.
-        image = to_rgb(Image.open(io.BytesIO(image_bytes)))
-        return self.transform(image), caption, key
-
-
-def _plain_loop(
-    loaded: LoadedModel,
-    shards: Sequence[str],
-    batch_size: int,
-    workers: int,
-    modalities: Sequence[str],
-) -> tuple[float, int, dict[str, dict[str, np.ndarray]]]:
-    import open_clip
-
-    transform = open_clip.image_transform(
-        loaded.image_size, is_train=False, mean=loaded.mean, std=loaded.std
-    )
-    tokenizer = loaded.tokenizer
-
-    def collate(rows: list[tuple[torch.Tensor, str, str]]) -> dict[str, Any]:
-        return {
-            "image": torch.stack([r[0] for r in rows]),  # (B, 3, H, W) float, normalised
-            "text": tokenizer([r[1] for r in rows]),  # (B, context_length)
-            "key": [r[2] for r in rows],
-        }
-
-    device = next(loaded.model.parameters()).device
-    t0 = time.perf_counter()
-    dataset = _PlainTarDataset(shards, transform)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=False
-    )
-    out: dict[str, dict[str, np.ndarray]] = {m: {} for m in modalities}
-    n = 0
-    for batch in loader:
-        with torch.inference_mode(), _autocast(device):
-            feats = {}
-            if "image" in modalities:
-                feats["image"] = loaded.model.encode_image(batch["image"].to(device))  # (B, D)
-            if "text" in modalities:
-                feats["text"] = loaded.model.encode_text(batch["text"].to(device))  # (B, D)
-        for m, f in feats.items():
-            arr = F.normalize(f.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
-            out[m].update(zip(batch["key"], arr, strict=True))
-        n += len(batch["key"])
-    return time.perf_counter() - t0, n, out
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the data-loader workers, which the
-    loaders join when a pass ends)."""
-    import resource
-
-    own, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _warm_up(loaded: LoadedModel, batch_size: int, modalities: Sequence[str]) -> None:
-    """One untimed forward per tower at the benchmark's batch size (first-call allocations and
-    kernel selection would otherwise be charged to whichever pipeline runs first)."""
-    device = next(loaded.model.parameters()).device
-    size = loaded.image_size
-    with torch.inference_mode(), _autocast(device):
-        if "image" in modalities:
-            loaded.model.encode_image(torch.zeros(batch_size, 3, size, size, device=device))
-        if "text" in modalities:
-            loaded.model.encode_text(loaded.tokenizer(["warm up"] * batch_size).to(device))
-
-
-def bench_embed(
-    model: str | LoadedModel,
-    data: str,
-    work_dir: str | os.PathLike[str],
-    batch_size: int = 256,
-    workers: int = 2,
-    threads: int | None = None,
-    modalities: tuple[str, ...] = MODALITIES,
-    device: str = "auto",
-    repeats: int = 2,
-) -> EmbedBenchResult:
-    """Samples/s of :func:`embed` and of a plain open_clip loop on the same shards, model,
-    batch size, workers and threads: best of ``repeats`` each, the order alternating, after an
-    untimed read of the shard files and an untimed forward pass. Wall-clock and CPU-time
-    throughput are both reported. Local uncompressed shards only (the plain loop seeks in
-    them)."""
-    urls = [u for src in parse_shard_spec(data) for u in src.urls]
-    if any(is_remote(u) for u in urls):
-        raise EmbedError("bench-embed reads local shards only (the plain loop seeks in them)")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device_name = resolve_device(device)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device_name)
-    for url in urls:  # warm the page cache so neither pipeline pays the first disk read
-        with open(url, "rb") as f:
-            while f.read(1 << 22):
-                pass
-    _warm_up(loaded, batch_size, modalities)
-    work = Path(work_dir)
-    single = DistInfo(0, 1, 0, next(loaded.model.parameters()).device, None)
-    best = {"cf": (0.0, 0.0), "plain": (0.0, 0.0)}  # (samples/s, samples/cpu-s)
-    n_cf = n_plain = 0
-    plain_out: dict[str, dict[str, np.ndarray]] = {}
-    for r in range(repeats):
-        # Alternate which pipeline goes first, so neither always meets a colder machine.
-        for which in ("cf", "plain") if r % 2 == 0 else ("plain", "cf"):
-            t0, c0 = time.perf_counter(), _cpu_seconds()
-            if which == "cf":
-                cfg = EmbedConfig(
-                    model=str(loaded.source), data=data, out=str(work / "bench-embed"),
-                    dtype="float32", batch_size=batch_size, workers=workers,
-                    modalities=modalities, device=device_name, progress="none", overwrite=True,
-                )  # fmt: skip
-                n_cf = n = embed(cfg, loaded=loaded, dist_info=single).samples
-            else:
-                _, n_plain, plain_out = _plain_loop(loaded, urls, batch_size, workers, modalities)
-                n = n_plain
-            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-            best[which] = (max(best[which][0], n / wall), max(best[which][1], n / cpu))
-    diff = 0.0
-    for _, arrays, meta in iter_parts(work / "bench-embed"):
-        keys = meta.column("key").to_pylist()
-        for m in modalities:
-            ref = np.stack([plain_out[m][k] for k in keys]) if keys else arrays[m]
-            diff = max(diff, float(np.abs(np.asarray(arrays[m], np.float32) - ref).max(initial=0)))
-    if n_cf != n_plain:
-        raise EmbedError(f"the pipelines embedded different sample counts: {n_cf} vs {n_plain}")
-    return EmbedBenchResult(
-        samples=n_cf,
-        clipforge_samples_per_s=best["cf"][0],
-        plain_samples_per_s=best["plain"][0],
-        clipforge_samples_per_cpu_s=best["cf"][1],
-        plain_samples_per_cpu_s=best["plain"][1],
-        max_abs_diff=diff,
-        batch_size=batch_size,
-        workers=workers,
-        threads=torch.get_num_threads(),
-        device=device_name,
-    )

@@ -345,3 +345,15 @@ __all__ = [
     "load_api_key",
     "send_error",
 ]
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages quoting client input
+    (a 5,000-digit id or key is named by its start and length; an int too long for ``str()``
+    never reaches ``repr``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"(an integer of about {int(value.bit_length() * 0.30103)} digits)"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(str(value))} characters)"

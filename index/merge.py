@@ -2,7 +2,7 @@
 
 Scheme (the one FAISS documents for billion-scale indexes):
 
-1. train one IVF index on a sample (:func:`clipforge.index.build.train_index`) and save it empty
+1. train one IVF index on a sample (:func:`clipforge.index.faiss_ops.train_index`) and save it empty
    (:func:`save_trained`) — every shard shares its quantizer, so their lists are compatible;
 2. each shard (a contiguous range of global ids: one per rank / SLURM task, or one after the other
    in a single process) loads the trained index, adds its rows, and writes a shard index
@@ -30,7 +30,8 @@ import faiss
 from clipforge.data_tools.atomic import OutOfSpaceError, atomic_output, out_of_space
 
 from . import store
-from .build import Log, VectorSource, _Gpu, add_vectors
+from .emb_dir import VectorSource
+from .faiss_ops import GpuResources, Log, add_vectors
 
 
 def shard_ranges(count: int, num_shards: int) -> list[tuple[int, int]]:
@@ -57,7 +58,7 @@ def build_shard(
     num_shards: int,
     out_path: str | os.PathLike[str],
     chunk_size: int = 65_536,
-    gpu: _Gpu | None = None,
+    gpu: GpuResources | None = None,
 ) -> Path:
     """Add shard ``shard`` of ``num_shards`` (global ids kept) to the trained index; write it."""
     if not 0 <= shard < num_shards:
@@ -133,7 +134,7 @@ def build_sharded_on_disk(
     name: str,
     num_shards: int,
     chunk_size: int = 65_536,
-    gpu: _Gpu | None = None,
+    gpu: GpuResources | None = None,
     log: Log = print,
 ) -> tuple[faiss.Index, list[str]]:
     """Shard-by-shard build + on-disk merge into ``index_dir/{name}.index`` + ``.ivfdata``.

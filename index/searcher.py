@@ -37,7 +37,9 @@ from .store import (
     MODALITIES,
     MODEL_DIR,
     IndexIntegrityError,
+    ModalityIndexEntry,
     OpenIndex,
+    modality_entry,
     open_index,
     read_index_manifest,
 )
@@ -240,6 +242,11 @@ class Searcher:
     def targets(self) -> list[str]:
         """Searchable targets: ``image`` and/or ``text``."""
         return [m for m in MODALITIES if m in self.manifest["modalities"]]
+
+    @property
+    def entries(self) -> dict[str, ModalityIndexEntry]:
+        """index.json's typed entry of each target (kind, factory, tuned parameters, ...)."""
+        return {m: modality_entry(self.manifest, m) for m in self.targets}
 
     # ------------------------------------------------------------------ embedding queries
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,123 @@ class IndexIntegrityError(ValueError):
     """An index directory file is missing, truncated, altered, or the manifest is malformed."""
 
 
+# index.json's modality entries: field -> the JSON types it may hold. float fields take JSON
+# integers too (json writes 1.0 as 1.0, but a hand-written file may say 1).
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "file": (str,),
+    "extra_files": (list,),
+    "kind": (str,),
+    "factory": (str,),
+    "search_params": (dict,),
+    "reason": (str,),
+    "measured_recall_at_10": (float, int),
+    "target_recall": (float, int),
+    "target_reached": (bool,),
+    "recall_queries": (str,),
+    "num_recall_queries": (int,),
+    "tuning": (list,),
+    "nlist": (int,),
+    "train_sample": (int,),
+    "num_shards": (int,),
+    "memory_budget": (int,),
+    "estimated_bytes": (int,),
+    "size_bytes": (int,),
+    "file_sizes": (dict,),
+    "sha256": (dict,),
+    "device": (str,),
+    "build_seconds": (float, int),
+}
+_ENTRY_REQUIRED = ("file", "sha256")
+
+
+@dataclass(frozen=True)
+class ModalityIndexEntry:
+    """One modality's entry of ``index.json["modalities"]``: its files and how it was built.
+
+    Only ``file`` and ``sha256`` are required on load (what opening the index needs); the rest
+    describe the build and are None (or empty) in entries written without them.
+    """
+
+    file: str
+    """The FAISS index file, relative to INDEX_DIR (``image.index`` / ``text.index``)."""
+    sha256: dict[str, str]
+    """sha256 of every file of this index (``file`` and ``extra_files``)."""
+    extra_files: tuple[str, ...] = ()
+    """Files the index refers to besides ``file``: the ``.ivfdata`` of an on-disk merge."""
+    kind: str | None = None
+    """The index kind (``flat``, ``hnsw``, ``ivf_sqfp16``, ...; see :mod:`.plan`)."""
+    factory: str | None = None
+    """The FAISS ``index_factory`` string."""
+    search_params: dict[str, float] = field(default_factory=dict)
+    """Tuned FAISS ParameterSpace settings applied on load, e.g. ``{"nprobe": 12}``."""
+    reason: str | None = None
+    """Why this kind and size were chosen (the plan's reason)."""
+    measured_recall_at_10: float | None = None
+    """recall@10 against exact search with ``search_params``, on the tuning queries."""
+    target_recall: float | None = None
+    """The recall@10 the tuning aimed for."""
+    target_reached: bool | None = None
+    """Whether ``measured_recall_at_10`` reached ``target_recall``."""
+    recall_queries: str | None = None
+    """What the tuning queries were (cross-modal embeddings or a held-out file)."""
+    num_recall_queries: int | None = None
+    """How many tuning queries."""
+    tuning: tuple[dict[str, float], ...] = ()
+    """Every setting tried with its recall."""
+    nlist: int | None = None
+    """IVF cells (IVF kinds)."""
+    train_sample: int | None = None
+    """Vectors the quantizer was trained on (0: nothing to train)."""
+    num_shards: int | None = None
+    """Shards of a sharded on-disk build (None: built in RAM)."""
+    memory_budget: int | None = None
+    """The build's memory budget in bytes (None: none)."""
+    estimated_bytes: int | None = None
+    """The plan's size estimate."""
+    size_bytes: int | None = None
+    """Total size of the index's files."""
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    """Size of every file of this index (checked before its sha256)."""
+    device: str | None = None
+    """Where it was trained and filled: ``cpu`` or ``gpu``."""
+    build_seconds: float | None = None
+    """Wall time of this modality's build."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in index.json (its keys in the order they have always had)."""
+        out: dict[str, Any] = {}
+        for name in _ENTRY_TYPES:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ModalityIndexEntry:
+        """Parse and check an entry; :class:`IndexIntegrityError` naming ``where`` (the file
+        and the modality) and the bad field otherwise. Unknown keys are ignored."""
+        if not isinstance(data, Mapping):
+            raise IndexIntegrityError(f"{where}: expected an object, got {type(data).__name__}")
+        for name in _ENTRY_REQUIRED:
+            if name not in data:
+                raise IndexIntegrityError(f"{where}: required field {name!r} is missing")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data or (data[f.name] is None and f.name not in _ENTRY_REQUIRED):
+                continue
+            value, types = data[f.name], _ENTRY_TYPES[f.name]
+            bad_bool = isinstance(value, bool) and bool not in types
+            if not isinstance(value, types) or bad_bool:
+                want = " or ".join(t.__name__ for t in types)
+                raise IndexIntegrityError(
+                    f"{where}: field {f.name!r} must be {want}, got {value!r:.80}"
+                )
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        for name in (values["file"], *values.get("extra_files", ())):
+            if not isinstance(name, str) or name not in values["sha256"]:
+                raise IndexIntegrityError(f"{where}: field 'sha256' has no entry for {name!r}")
+        return cls(**values)
+
+
 @dataclass
 class OpenIndex:
     """One modality's index loaded from an index directory, ready to search."""
@@ -56,11 +174,13 @@ class OpenIndex:
     index: faiss.Index
     """The FAISS index with the tuned search parameters (nprobe/efSearch/...) already applied."""
     info: dict[str, Any]
-    """The modality's entry of ``index.json["modalities"]`` (kind, factory, recall, ...)."""
+    """The modality's entry of ``index.json["modalities"]`` as stored (kind, factory, ...)."""
     manifest: dict[str, Any]
     """The whole ``index.json``."""
     metadata: pa.Table
     """``metadata.parquet``: row ``i`` describes index id ``i``."""
+    entry: ModalityIndexEntry
+    """``info`` parsed and checked (read this one: its fields are typed)."""
 
 
 def file_record(path: str | os.PathLike[str]) -> tuple[int, str]:
@@ -107,11 +227,13 @@ def read_index_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
     fmt = manifest.get("format")
     if fmt != INDEX_FORMAT:
         raise IndexIntegrityError(f"{path}: format {fmt!r} is not {INDEX_FORMAT!r}")
-    for field in ("dim", "count", "metric", "metadata", "modalities"):
-        if field not in manifest:
-            raise IndexIntegrityError(f"{path}: required field {field!r} is missing")
+    for name in ("dim", "count", "metric", "metadata", "modalities"):
+        if name not in manifest:
+            raise IndexIntegrityError(f"{path}: required field {name!r} is missing")
     if not isinstance(manifest["modalities"], dict) or not manifest["modalities"]:
         raise IndexIntegrityError(f"{path}: 'modalities' must be a non-empty object")
+    for name, info in manifest["modalities"].items():
+        ModalityIndexEntry.from_json(info, f"{path}: modalities.{name}")  # checked on load
     return manifest
 
 
@@ -198,6 +320,12 @@ def modality_info(manifest: dict[str, Any], modality: str) -> dict[str, Any]:
     return mods[modality]
 
 
+def modality_entry(manifest: dict[str, Any], modality: str) -> ModalityIndexEntry:
+    """:func:`modality_info` parsed into its typed contract."""
+    info = modality_info(manifest, modality)
+    return ModalityIndexEntry.from_json(info, f"{MANIFEST_NAME}: modalities.{modality}")
+
+
 def verify_index_dir(
     index_dir: str | os.PathLike[str], modalities: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
@@ -207,10 +335,9 @@ def verify_index_dir(
     meta = manifest["metadata"]
     verify_file(d / meta["file"], meta["sha256"], meta.get("size_bytes"))
     for name in modalities if modalities is not None else tuple(manifest["modalities"]):
-        info = modality_info(manifest, name)
-        sizes = info.get("file_sizes", {})
-        for fname, digest in info["sha256"].items():
-            verify_file(d / fname, digest, sizes.get(fname))
+        entry = modality_entry(manifest, name)
+        for fname, digest in entry.sha256.items():
+            verify_file(d / fname, digest, entry.file_sizes.get(fname))
     return manifest
 
 
@@ -246,13 +373,11 @@ def open_index(
     d = Path(index_dir)
     manifest = read_index_manifest(d)
     info = modality_info(manifest, modality)
-    sizes = info.get("file_sizes", {})
-    files = [info["file"], *info.get("extra_files", [])]
-    for fname in files:
-        if fname not in info.get("sha256", {}):
-            raise IndexIntegrityError(f"{d / MANIFEST_NAME}: no sha256 recorded for {fname}")
+    entry = modality_entry(manifest, modality)
+    sizes = entry.file_sizes
+    files = [entry.file, *entry.extra_files]
     meta = manifest["metadata"]
-    to_check = [(d / f, info["sha256"][f], sizes.get(f)) for f in files]
+    to_check = [(d / f, entry.sha256[f], sizes.get(f)) for f in files]
     to_check.append((d / meta["file"], meta["sha256"], meta.get("size_bytes")))
     for path, digest, size in to_check:
         if verify:
@@ -260,21 +385,21 @@ def open_index(
         elif not path.is_file() or (size is not None and path.stat().st_size != size):
             raise IndexIntegrityError(f"index file {path} is missing or has the wrong size")
 
-    index = _read_faiss(d / info["file"], mmap=mmap, on_disk=bool(info.get("extra_files")))
+    index = _read_faiss(d / entry.file, mmap=mmap, on_disk=bool(entry.extra_files))
     if index.ntotal != manifest["count"]:
         raise IndexIntegrityError(
-            f"{d / info['file']} holds {index.ntotal} vectors, index.json count is "
+            f"{d / entry.file} holds {index.ntotal} vectors, index.json count is "
             f"{manifest['count']}"
         )
     if index.d != manifest["dim"]:
         raise IndexIntegrityError(
-            f"{d / info['file']} has dimension {index.d}, index.json dim is {manifest['dim']}"
+            f"{d / entry.file} has dimension {index.d}, index.json dim is {manifest['dim']}"
         )
-    apply_search_params(index, info.get("search_params", {}))
+    apply_search_params(index, entry.search_params)
     metadata = pq.read_table(d / meta["file"], memory_map=True)
     if metadata.num_rows != manifest["count"]:
         raise IndexIntegrityError(
             f"{d / meta['file']} has {metadata.num_rows} rows, index.json count is "
             f"{manifest['count']}"
         )
-    return OpenIndex(index=index, info=info, manifest=manifest, metadata=metadata)
+    return OpenIndex(index=index, info=info, manifest=manifest, metadata=metadata, entry=entry)

@@ -10,8 +10,10 @@ import faiss
 import numpy as np
 import pytest
 
-from clipforge.index import build, store
-from clipforge.index.build import BuildConfig, plan_index, run_build, unit_rows
+from clipforge.index import faiss_ops, store, tune
+from clipforge.index.build import run_build
+from clipforge.index.emb_dir import open_vectors, unit_rows
+from clipforge.index.plan import BuildConfig, parse_memory_size, plan_index
 
 from .synthetic import load_all, normalize, write_synthetic_embeddings
 
@@ -52,7 +54,7 @@ def test_kind_reaches_target_recall_vs_exact(emb_dir: Path, tmp_path: Path, kind
     q = normalize(db[rows] + rng.standard_normal((300, db.shape[1])) * 0.1).astype(np.float32)
     opened = store.open_index(tmp_path / "idx", "image")
     _, found = opened.index.search(q, 10)
-    assert build.recall_at_k(found, _exact_top10(db, q)) >= 0.93
+    assert tune.recall_at_k(found, _exact_top10(db, q)) >= 0.93
 
 
 def test_ivf_pq_reports_plateau_honestly(emb_dir: Path, tmp_path: Path) -> None:
@@ -78,13 +80,13 @@ def test_measured_recall_is_reproducible(emb_dir: Path, tmp_path: Path) -> None:
     )["modalities"]["image"]
     texts = load_all(emb_dir, "text")
     # the build's tuning queries: 1000 text rows sampled with seed+1 (cross-modal)
-    q = build.open_vectors(emb_dir, "text").sample(1000, seed=QUIET.seed + 1)
+    q = open_vectors(emb_dir, "text").sample(1000, seed=QUIET.seed + 1)
     assert q.shape == (1000, texts.shape[1])
     opened = store.open_index(tmp_path / "idx", "image")
     assert faiss.extract_index_ivf(opened.index).nprobe == info["search_params"]["nprobe"]
     _, found = opened.index.search(q, 10)
     truth = _exact_top10(normalize(load_all(emb_dir, "image")), q)  # the indexed unit rows
-    assert build.recall_at_k(found, truth) == pytest.approx(info["measured_recall_at_10"], abs=1e-4)
+    assert tune.recall_at_k(found, truth) == pytest.approx(info["measured_recall_at_10"], abs=1e-4)
 
 
 def test_both_modalities_and_manifest(emb_dir: Path, tmp_path: Path) -> None:
@@ -127,7 +129,7 @@ def test_sqfp16_stores_float16_embeddings_exactly(emb_dir: Path, tmp_path: Path)
 def test_chunked_build_equals_one_shot(emb_dir: Path, tmp_path: Path) -> None:
     digests = []
     results = []
-    q = build.open_vectors(emb_dir, "text").sample(200, seed=5)
+    q = open_vectors(emb_dir, "text").sample(200, seed=5)
     for chunk in (777, 10**9):
         cfg = BuildConfig(flat_max_count=1000, chunk_size=chunk)
         info = run_build(
@@ -149,16 +151,16 @@ def test_precomputed_assignment_route_equals_plain_add(emb_dir: Path) -> None:
     # The GPU build assigns vectors to cells with a separate quantizer copy and calls add_core;
     # run that same route on CPU and check it yields exactly what index.add_with_ids does.
     # OPQ checks the pre-transform is applied before the external assignment.
-    source = build.open_vectors(emb_dir, "image")
+    source = open_vectors(emb_dir, "image")
     for cfg in (
         BuildConfig(kind="ivf_sq8"),
         BuildConfig(kind="ivf_pq", pq_m=8, pq_nbits=4, opq_iterations=2, nlist=64),
     ):
         plan = plan_index(source.count, source.dim, cfg)
-        trained = build.train_index(plan, source, cfg, log=_silent)
+        trained = faiss_ops.train_index(plan, source, cfg, log=_silent)
         a, b = faiss.clone_index(trained), faiss.clone_index(trained)
-        build.add_vectors(a, source, chunk_size=3000)
-        build.add_vectors(b, source, chunk_size=3000, external_assign=True)
+        faiss_ops.add_vectors(a, source, chunk_size=3000)
+        faiss_ops.add_vectors(b, source, chunk_size=3000, external_assign=True)
         assert a.ntotal == b.ntotal == source.count
         assert np.array_equal(faiss.serialize_index(a), faiss.serialize_index(b)), plan.factory
 
@@ -167,14 +169,14 @@ def test_auto_choice_respects_memory_budget() -> None:
     n, d = 1_000_000, 512
     seen = []
     for budget in ("8GB", "1.5GB", "800MB", "200MB", "40MB"):
-        cfg = BuildConfig(memory_budget=build.parse_memory_size(budget))
+        cfg = BuildConfig(memory_budget=parse_memory_size(budget))
         plan = plan_index(n, d, cfg)
         assert plan.estimated_bytes <= cfg.memory_budget, (budget, plan)
         assert plan.reason.startswith("auto:")
         seen.append(plan.kind)
     assert seen == ["ivf_sqfp16", "ivf_sqfp16", "ivf_sq8", "ivf_pq", "ivf_pq"]
     with pytest.raises(ValueError, match="too small"):
-        plan_index(n, d, BuildConfig(memory_budget=build.parse_memory_size("5MB")))
+        plan_index(n, d, BuildConfig(memory_budget=parse_memory_size("5MB")))
     # small collections are searched exactly when that fits
     assert plan_index(5000, d, BuildConfig()).kind == "flat"
     with pytest.raises(ValueError, match="over the memory budget"):
@@ -239,13 +241,13 @@ def test_row_count_mismatch_names_file(tmp_path: Path) -> None:
 
 
 def test_parse_memory_size() -> None:
-    assert build.parse_memory_size("4GB") == 4 << 30
-    assert build.parse_memory_size("512MB") == 512 << 20
-    assert build.parse_memory_size("1G") == 1 << 30
-    assert build.parse_memory_size("1.5GiB") == 3 << 29
-    assert build.parse_memory_size("1000") == 1000
+    assert parse_memory_size("4GB") == 4 << 30
+    assert parse_memory_size("512MB") == 512 << 20
+    assert parse_memory_size("1G") == 1 << 30
+    assert parse_memory_size("1.5GiB") == 3 << 29
+    assert parse_memory_size("1000") == 1000
     with pytest.raises(ValueError, match="cannot parse"):
-        build.parse_memory_size("lots")
+        parse_memory_size("lots")
 
 
 def test_unknown_kind() -> None:
@@ -261,7 +263,7 @@ def test_gpu_requested_without_gpu_is_an_error(emb_dir: Path, tmp_path: Path) ->
 
 @pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs a GPU visible to FAISS")
 def test_gpu_build_matches_cpu(emb_dir: Path, tmp_path: Path) -> None:
-    q = build.open_vectors(emb_dir, "text").sample(300, seed=5)
+    q = open_vectors(emb_dir, "text").sample(300, seed=5)
     out = {}
     for gpu in (False, True):
         info = run_build(
@@ -276,4 +278,4 @@ def test_gpu_build_matches_cpu(emb_dir: Path, tmp_path: Path) -> None:
         assert info["device"] == ("gpu" if gpu else "cpu")
         out[gpu] = store.open_index(tmp_path / str(gpu)).index.search(q, 10)[1]
     # GPU k-means may round differently: same neighbours, not necessarily the same bytes
-    assert build.recall_at_k(out[True], out[False]) >= 0.98
+    assert tune.recall_at_k(out[True], out[False]) >= 0.98

@@ -1,4 +1,4 @@
-"""``clipforge-index`` command line: search output, error handling, bench-embed."""
+"""``clipforge-index`` command line: search output, error handling, help texts."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_search_by_image_against_captions(
 ) -> None:
     import pyarrow.parquet as pq
 
-    from clipforge.index.embed import read_member_bytes
+    from clipforge.index.emb_dir import read_member_bytes
 
     row = pq.read_table(demo_index / "metadata.parquet").slice(7, 1).to_pylist()[0]
     img = tmp_path / row["member"]
@@ -94,23 +94,13 @@ def test_bad_input_is_one_error_line_with_exit_code_2(
     assert "clipforge-index: error:" in err and message in err, err
 
 
-def test_bench_embed_prints_both_figures_and_the_ratio(
-    demo: Path, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("command", ["bench", "bench-embed"])
+def test_benchmarks_are_not_product_subcommands(
+    command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    figures = tmp_path / "bench.json"
-    argv = ["bench-embed", "--model", str(trained_run), "--data",
-            str(demo / "emoji-{000000..000001}.tar"), "--batch-size", "64", "--workers", "1",
-            "--repeats", "1", "--json", str(figures)]  # fmt: skip
-    rc, out, _ = _run(argv, capsys)
-    assert rc == 0, out
-    print(out)
-    assert "clipforge embed" in out and "plain open_clip" in out and "ratio" in out
-    result = json.loads(figures.read_text())
-    assert result["samples"] == 480
-    for key in ("clipforge_samples_per_s", "plain_samples_per_s", "clipforge_samples_per_cpu_s",
-                "plain_samples_per_cpu_s", "ratio"):  # fmt: skip
-        assert result[key] > 0, key
-    assert result["max_abs_diff"] < 1e-3  # same pixels, same model: the same embeddings
+    """The peer benchmarks moved to the repository's benchmarks/ (python -m benchmarks....)."""
+    rc, _, err = _run([command, "--help"], capsys)
+    assert rc == 2 and "invalid choice" in err, err
 
 
 def test_build_tunes_with_held_out_queries_from_the_cli(
@@ -141,7 +131,7 @@ def test_build_tunes_with_held_out_queries_from_the_cli(
     assert "--tune-queries wants image=PATH.npy" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["embed", "build", "search", "bench", "bench-embed"])
+@pytest.mark.parametrize("command", ["embed", "build", "search"])
 def test_every_option_has_help_that_shows_its_default(command: str) -> None:
     """Each option of these subcommands says what it does; each optional one also says what
     happens when it is not given (its default value, or in words for flags and None)."""

@@ -9,8 +9,10 @@ import faiss
 import numpy as np
 import pytest
 
-from clipforge.index import build, merge, store
-from clipforge.index.build import BuildConfig, run_build
+from clipforge.index import faiss_ops, merge, store
+from clipforge.index.build import run_build
+from clipforge.index.emb_dir import open_vectors
+from clipforge.index.plan import BuildConfig, plan_index
 
 from .synthetic import write_synthetic_embeddings
 
@@ -60,7 +62,7 @@ def test_sharded_on_disk_equals_single_index(emb_dir: Path, tmp_path: Path, kind
 
     # move the index directory: the .index finds its .ivfdata next to itself
     moved = Path(shutil.move(tmp_path / "sharded", tmp_path / "elsewhere"))
-    q = build.open_vectors(emb_dir, "text").sample(300, seed=2)
+    q = open_vectors(emb_dir, "text").sample(300, seed=2)
     a = store.open_index(tmp_path / "single", "image")
     b = store.open_index(moved, "image")
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(b.index).invlists)
@@ -76,10 +78,10 @@ def test_sharded_on_disk_equals_single_index(emb_dir: Path, tmp_path: Path, kind
 
 def test_rank_style_shards_and_merge(emb_dir: Path, tmp_path: Path) -> None:
     # What ranks / SLURM tasks do: one trained index file, each rank writes its shard, one merge.
-    source = build.open_vectors(emb_dir, "image")
+    source = open_vectors(emb_dir, "image")
     cfg = BuildConfig(kind="ivf_flat", nlist=32)
-    plan = build.plan_index(source.count, source.dim, cfg)
-    trained = build.train_index(plan, source, cfg, log=lambda _: None)
+    plan = plan_index(source.count, source.dim, cfg)
+    trained = faiss_ops.train_index(plan, source, cfg, log=lambda _: None)
     merge.save_trained(trained, tmp_path / "trained.index")
     shards = [
         merge.build_shard(tmp_path / "trained.index", source, r, 2, tmp_path / f"s{r}.index")
@@ -91,7 +93,7 @@ def test_rank_style_shards_and_merge(emb_dir: Path, tmp_path: Path) -> None:
     assert n == source.count
     merged = faiss.read_index(str(out / "m.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
     full = faiss.clone_index(trained)
-    build.add_vectors(full, source, chunk_size=4096)
+    faiss_ops.add_vectors(full, source, chunk_size=4096)
     q = source.sample(50, seed=1) + 0.01
     merged.nprobe = full.nprobe = 4
     np.testing.assert_array_equal(merged.search(q, 10)[1], full.search(q, 10)[1])

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipforge.index.cli import main as index_main
-from clipforge.index.embed import read_member_bytes
+from clipforge.index.emb_dir import read_member_bytes
 from clipforge.index.searcher import ModelMismatchError, Searcher
 from clipforge.pretrain.cli import main as pretrain_main
 from clipforge.pretrain.models import load_model

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipforge.index.embed import read_member_bytes
+from clipforge.index.emb_dir import read_member_bytes
 from clipforge.index.searcher import Hit, ModelMismatchError, Searcher, SearchError
 from clipforge.pretrain.models import LoadedModel
 

@@ -10,8 +10,10 @@ import faiss
 import numpy as np
 import pytest
 
-from clipforge.index import build, store
-from clipforge.index.build import BuildConfig, run_build
+from clipforge.index import store
+from clipforge.index.build import run_build
+from clipforge.index.emb_dir import open_vectors
+from clipforge.index.plan import BuildConfig
 from clipforge.index.store import IndexIntegrityError, open_index, read_index_manifest
 
 from .synthetic import write_synthetic_embeddings
@@ -110,6 +112,6 @@ def test_flat_index_roundtrip(tmp_path: Path) -> None:
     info = run_build(emb, tmp_path / "idx", log=lambda _: None)["modalities"]["image"]
     assert info["kind"] == "flat" and info["search_params"] == {}
     assert info["measured_recall_at_10"] == 1.0
-    q = build.open_vectors(emb, "text").sample(5, seed=0)
+    q = open_vectors(emb, "text").sample(5, seed=0)
     _, found = open_index(tmp_path / "idx", mmap=True).index.search(q, 3)
     assert found.shape == (5, 3) and (found >= 0).all()

@@ -1,6 +1,6 @@
-"""``clipforge-index bench``: clipforge's auto index vs autofaiss on PEERS.md's clustered data.
+"""clipforge's auto index vs autofaiss on clustered data: build time, size, recall, QPS.
 
-Data (PEERS.md, generated exactly and cached as .npy in the work folder): numpy
+Data (generated exactly and cached as .npy in the work folder): numpy
 ``default_rng(1234)``; 1,000 centres = standard-normal 256-d vectors, L2-normalised; each point =
 a uniformly drawn centre + isotropic Gaussian noise (std 0.75/16 per dimension), L2-normalised;
 N = 1,000,000 database points, then 1,000 evaluation queries drawn the same way, then (from the
@@ -10,10 +10,16 @@ all centre labels first, then the noise (row chunks of one stream). Ground truth
 inner-product top 10.
 
 clipforge builds with ``run_build`` (auto kind, 1 GiB budget, target recall@10 0.95); autofaiss
-runs in its own virtual environment via ``peer_autofaiss.py`` (``max_index_memory_usage="1G"``);
-both are scored by ``bench_metrics.evaluate_index`` on the same queries.
+runs in its own virtual environment via :mod:`benchmarks.peer_autofaiss`
+(``max_index_memory_usage="1G"``). Both are timed by :func:`benchmarks.index_timing.time_index`
+on the same queries, and the ids each found are scored here by clipforge's one Recall@k
+(:func:`clipforge.index.tune.recall_at_k`).
 
-    python -m clipforge.index.benchmark [--n 1000000] [--skip-peer] [--work-dir DIR]
+The peer's interpreter is ``--peer-python`` or ``$CLIPFORGE_PEER_AUTOFAISS`` (there is no
+default: it is a virtual environment of the machine's own); without either, ``--skip-peer``
+runs clipforge's half alone. Run from the repository root::
+
+    python -m benchmarks.index_vs_autofaiss [--n 1000000] [--peer-python PY | --skip-peer]
 """
 
 from __future__ import annotations
@@ -35,19 +41,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.data_tools.atomic import atomic_output, write_json_atomic
+from clipforge.index import emb_dir, store, tune
+from clipforge.index.build import run_build
+from clipforge.index.faiss_ops import Log
 
-from . import bench_metrics, build, store
+from .index_timing import time_index
 
-DEFAULT_PEER_PYTHON = "/work/peers/autofaiss/bin/python"
-PEER_SCRIPT = Path(__file__).resolve().parent / "peer_autofaiss.py"
+PEER_ENV = "CLIPFORGE_PEER_AUTOFAISS"
+"""The environment variable naming autofaiss's python (when ``--peer-python`` is not given)."""
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: the peer runs from here, so that ``benchmarks`` is importable."""
 
 
 @dataclass(frozen=True)
 class IndexBenchConfig:
-    """Settings of one benchmark run (defaults reproduce PEERS.md's setting)."""
+    """Settings of one benchmark run (the defaults are the published setting)."""
 
     n: int = 1_000_000
-    """Database size (PEERS.md: 1,000,000; smaller for a quick run)."""
+    """Database size (1,000,000 published; smaller for a quick run)."""
     dim: int = 256
     """Vector dimension."""
     n_centres: int = 1000
@@ -70,8 +81,8 @@ class IndexBenchConfig:
     """Cache of the generated data, and the built indexes."""
     skip_peer: bool = False
     """Do not run autofaiss."""
-    peer_python: str = DEFAULT_PEER_PYTHON
-    """Python of autofaiss's virtual environment."""
+    peer_python: str | None = None
+    """Python of autofaiss's virtual environment (None: only with ``skip_peer``)."""
     peer_timeout_s: float = 4 * 3600
     """Give up on the peer after this long."""
 
@@ -103,7 +114,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def prepare_data(cfg: IndexBenchConfig, log: build.Log = print) -> dict[str, Path]:
+def prepare_data(cfg: IndexBenchConfig, log: Log = print) -> dict[str, Path]:
     """Generate (or reuse) database, queries, tuning queries and ground truth in the work dir.
 
     The database is written as an EMB_DIR (``img_emb/img_emb_0.npy`` float32 + metadata +
@@ -148,11 +159,11 @@ def prepare_data(cfg: IndexBenchConfig, log: build.Log = print) -> dict[str, Pat
     with atomic_output(emb / "metadata" / "metadata_0.parquet") as tmp:
         pq.write_table(table, tmp)
     write_json_atomic(
-        emb / build.EMBEDDINGS_MANIFEST,
+        emb / emb_dir.EMBEDDINGS_MANIFEST,
         {
-            "format": build.EMBEDDINGS_FORMAT,
+            "format": emb_dir.EMBEDDINGS_FORMAT,
             "model_hash": "synthetic-peers-md",
-            "model_source": "PEERS.md clustered data",
+            "model_source": "benchmarks.index_vs_autofaiss clustered data",
             "dim": cfg.dim,
             "dtype": "float32",
             "modalities": ["image"],
@@ -160,8 +171,8 @@ def prepare_data(cfg: IndexBenchConfig, log: build.Log = print) -> dict[str, Pat
             "parts": [{"part": 0, "count": cfg.n}],
         },
     )
-    source = build.open_vectors(emb, "image")
-    _, truth = build.exact_knn(source, q, 10)
+    source = emb_dir.open_vectors(emb, "image")
+    _, truth = tune.exact_knn(source, q, 10)
     _save_npy(paths["truth"], truth)
     write_json_atomic(done, {"config": asdict(cfg), "seconds": time.perf_counter() - t0})
     log(f"data: generated {d} in {time.perf_counter() - t0:.0f} s")
@@ -176,11 +187,11 @@ def store_tmp() -> str:
 # runs
 
 
-def run_clipforge(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log = print) -> dict:
+def run_clipforge(cfg: IndexBenchConfig, paths: dict[str, Path], log: Log = print) -> dict:
     """Build clipforge's index with held-out tuning queries; evaluate on the evaluation queries."""
     out = Path(cfg.work_dir) / "clipforge_index"
     t0 = time.perf_counter()
-    manifest = build.run_build(
+    manifest = run_build(
         paths["emb_dir"],
         out,
         kind=cfg.kind,
@@ -188,15 +199,13 @@ def run_clipforge(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log 
         target_recall=cfg.target_recall,
         modalities=["image"],
         held_out_queries={"image": paths["tune_queries"]},
-        created_by="clipforge-index bench",
+        created_by="benchmarks.index_vs_autofaiss",
         log=log,
     )
     build_s = time.perf_counter() - t0
     info = manifest["modalities"]["image"]
     opened = store.open_index(out, "image")
-    metrics = bench_metrics.evaluate_index(
-        opened.index, np.load(paths["queries"]), np.load(paths["truth"])
-    )
+    found, speed = time_index(opened.index, np.load(paths["queries"]))
     return {
         "tool": "clipforge",
         "faiss": faiss.__version__,
@@ -206,25 +215,55 @@ def run_clipforge(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log 
         "search_params": info["search_params"],
         "tuning_recall_at_10": info["measured_recall_at_10"],
         "reason": info["reason"],
-        **metrics,
+        **score(found, np.load(paths["truth"])),
+        **speed,
     }
 
 
-def run_peer(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log = print) -> dict:
-    """Run autofaiss in its own venv through ``peer_autofaiss.py``; return its figures."""
-    if not Path(cfg.peer_python).is_file():
+def score(found: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Recall of the (nq, 10) ids a tool ``found`` against the exact (nq, 10) ``truth``."""
+    return {
+        "recall_at_10": tune.recall_at_k(found, truth, 10),
+        "recall_1_at_10": tune.recall_1_at_k(found, truth, 10),
+    }
+
+
+def resolve_peer_python(peer_python: str | None) -> str:
+    """autofaiss's python: ``peer_python``, else ``$CLIPFORGE_PEER_AUTOFAISS``; checked to exist.
+
+    Called before anything is built, so a missing peer costs seconds, not clipforge's half.
+    """
+    chosen = peer_python or os.environ.get(PEER_ENV)
+    if not chosen:
         raise FileNotFoundError(
-            f"autofaiss's python {cfg.peer_python} not found (see PEERS.md for its venv); "
+            "no python for autofaiss: pass --peer-python PATH or set "
+            f"{PEER_ENV}=PATH to the python of a virtual environment with autofaiss 2.18.0 "
+            "(benchmarks/README.md says how to make one), or --skip-peer to run clipforge alone"
+        )
+    if not Path(chosen).is_file():
+        raise FileNotFoundError(
+            f"autofaiss's python {chosen} (from "
+            f"{'--peer-python' if peer_python else PEER_ENV}) is not a file; "
             "use --skip-peer to run clipforge alone"
         )
+    return chosen
+
+
+def run_peer(cfg: IndexBenchConfig, paths: dict[str, Path], log: Log = print) -> dict:
+    """Run autofaiss in its own venv through :mod:`benchmarks.peer_autofaiss`; score what it
+    found here, with clipforge's Recall@k; return its figures."""
+    peer_python = resolve_peer_python(cfg.peer_python)
     work = Path(cfg.work_dir) / "autofaiss_index"
     out = work / "result.json"
+    found_path = work / "found.npy"
     out.unlink(missing_ok=True)
+    found_path.unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     cmd = [
-        cfg.peer_python, str(PEER_SCRIPT),
+        peer_python, "-m", "benchmarks.peer_autofaiss",
         "--embeddings", str(paths["db"].parent),
         "--queries", str(paths["queries"]),
-        "--truth", str(paths["truth"]),
+        "--found", str(found_path),
         "--work", str(work),
         "--memory", cfg.memory_budget,
         "--out", str(out),
@@ -232,12 +271,13 @@ def run_peer(cfg: IndexBenchConfig, paths: dict[str, Path], log: build.Log = pri
     log("peer: " + " ".join(cmd))
     # the peer venv must not see clipforge's site-packages
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run(cmd, env=env, timeout=cfg.peer_timeout_s, capture_output=True,
-                          text=True)  # fmt: skip
-    if proc.returncode != 0 or not out.is_file():
+    proc = subprocess.run(cmd, env=env, cwd=REPO, timeout=cfg.peer_timeout_s,
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0 or not out.is_file() or not found_path.is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"autofaiss peer failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    return {**result, **score(np.load(found_path), np.load(paths["truth"]))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +309,7 @@ def format_table(results: dict[str, dict], cfg: IndexBenchConfig) -> str:
              for n in names}  # fmt: skip
     colw = {n: max(len(n), *(len(c) for c in cells[n])) for n in names}
     lines = [
-        f"index benchmark: {cfg.n:,} x {cfg.dim} clustered vectors (PEERS.md data), "
+        f"index benchmark: {cfg.n:,} x {cfg.dim} clustered vectors, "
         f"{cfg.n_queries} queries, budget {cfg.memory_budget}, clipforge target recall@10 "
         f"{cfg.target_recall}",
         "".ljust(width[0]) + "  " + "  ".join(n.ljust(colw[n]) for n in names),
@@ -305,15 +345,17 @@ def run_index_benchmark(
     memory_budget: str = "1G",
     target_recall: float = 0.95,
     kind: str = "auto",
-    peer_python: str = DEFAULT_PEER_PYTHON,
+    peer_python: str | None = None,
     json_out: str | os.PathLike[str] | None = None,
-    log: build.Log = print,
+    log: Log = print,
 ) -> dict[str, Any]:
     """Run the benchmark, print the table, and return ``{"config", "results", "table"}``."""
     cfg = IndexBenchConfig(
         n=n, work_dir=str(work_dir), skip_peer=skip_peer, memory_budget=memory_budget,
         target_recall=target_recall, kind=kind, peer_python=peer_python,
     )  # fmt: skip
+    if not skip_peer:
+        resolve_peer_python(peer_python)  # before clipforge's half: fail in seconds, not hours
     paths = prepare_data(cfg, log=log)
     results: dict[str, dict] = {}
     log("== clipforge ==")
@@ -336,18 +378,38 @@ def run_index_benchmark(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipforge.index.benchmark",
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.index_vs_autofaiss",
                                 description=__doc__.splitlines()[0])  # fmt: skip
-    p.add_argument("--n", type=int, default=1_000_000, help="database size (quick run: 100000)")
-    p.add_argument("--work-dir", default="/tmp/clipforge_index_bench")
-    p.add_argument("--skip-peer", action="store_true", help="do not run autofaiss")
-    p.add_argument("--memory-budget", default="1G")
-    p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--kind", default="auto")
-    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
-    p.add_argument("--json", default=None, help="figures JSON (default WORK/results.json)")
+    p.add_argument("--n", type=int, default=1_000_000,
+                   help="database size; quick: 100000 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--work-dir", default="/tmp/clipforge_index_bench",
+                   help="data and index cache (default: %(default)s)")  # fmt: skip
+    p.add_argument("--skip-peer", action="store_true",
+                   help="do not run autofaiss (default: run it)")  # fmt: skip
+    p.add_argument("--memory-budget", default="1G",
+                   help="index size bound of both (default: %(default)s)")  # fmt: skip
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 clipforge tunes for (default: %(default)s)")  # fmt: skip
+    p.add_argument("--kind", default="auto",
+                   help="clipforge's index kind, as build's (default: %(default)s)")  # fmt: skip
+    p.add_argument("--peer-python",
+                   help=f"python of the autofaiss venv (default: ${PEER_ENV})")  # fmt: skip
+    p.add_argument("--json", default=None, help="figures JSON (default: WORK_DIR/results.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when both tools ran, 1 when one failed, 2 without a peer python."""
+    p = build_parser()
     a = p.parse_args(argv)
+    if not a.skip_peer:
+        try:
+            resolve_peer_python(a.peer_python)
+        except FileNotFoundError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            return 2
     report = run_index_benchmark(
         n=a.n, work_dir=a.work_dir, skip_peer=a.skip_peer, memory_budget=a.memory_budget,
         target_recall=a.target_recall, kind=a.kind, peer_python=a.peer_python, json_out=a.json,

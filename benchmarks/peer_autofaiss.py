@@ -1,11 +1,13 @@
-"""Peer side of ``clipforge-index bench``: build autofaiss's index and measure it the same way.
+"""Peer side of ``python -m benchmarks.index_vs_autofaiss``: build autofaiss's index and time it.
 
-Runs under autofaiss's own virtual environment (numpy<2, faiss-cpu 1.13.2, autofaiss 2.18.0;
-see PEERS.md), NOT under clipforge's; it imports only autofaiss, faiss, numpy and the
-dependency-free ``bench_metrics.py`` next to it, so both tools are scored by the same code::
+Runs under autofaiss's own virtual environment (numpy<2, faiss-cpu 1.13.2, autofaiss 2.18.0; see
+benchmarks/README.md), NOT under clipforge's, from the repository root so that ``benchmarks`` is
+importable (``python -m`` puts the working directory first on the path); it imports only
+autofaiss, faiss, numpy and the dependency-free :mod:`benchmarks.index_timing`, so both tools are
+timed by the same code. It writes the ids it found; the benchmark scores them::
 
-    /work/peers/autofaiss/bin/python index/peer_autofaiss.py --embeddings DIR_OF_NPY \\
-        --queries q.npy --truth gt.npy --work WORK --memory 1G --out result.json
+    cd REPO && "$CLIPFORGE_PEER_AUTOFAISS" -m benchmarks.peer_autofaiss --embeddings DIR_OF_NPY \\
+        --queries q.npy --found found.npy --work WORK --memory 1G --out result.json
 """
 
 from __future__ import annotations
@@ -13,22 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_metrics  # the file next to this script, importable without clipforge
+from benchmarks.index_timing import time_index
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.peer_autofaiss", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--embeddings", required=True, help="folder of .npy database parts")
     p.add_argument("--queries", required=True, help="(nq, D) float32 evaluation queries .npy")
-    p.add_argument("--truth", required=True, help="(nq, 10) exact inner-product top-10 ids .npy")
+    p.add_argument("--found", required=True, help="where to write the (nq, 10) ids found .npy")
     p.add_argument("--work", required=True, help="folder for the index and its infos")
     p.add_argument("--memory", default="1G", help="max_index_memory_usage")
     p.add_argument("--available", default="12G", help="current_memory_available")
@@ -51,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     build_s = time.perf_counter() - t0
     queries = np.load(args.queries).astype(np.float32)
-    truth = np.load(args.truth)
     # build_index returns the index with its tuned search hyper-parameters already set
-    metrics = bench_metrics.evaluate_index(index, queries, truth)
+    found, speed = time_index(index, queries)
+    np.save(args.found, found)
     result = {
         "tool": "autofaiss 2.18.0",
         "faiss": faiss.__version__,
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "factory": (infos or {}).get("index_key"),
         "search_params": (infos or {}).get("index_param"),
         "infos": infos,
-        **metrics,
+        **speed,
     }
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "infos"}, default=str))

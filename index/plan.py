@@ -1,0 +1,404 @@
+"""Index planning: which FAISS index to build for N vectors of dimension D, its size, and why.
+
+Pure arithmetic over the collection's shape and the :class:`BuildConfig`: nothing here trains,
+reads vectors or touches FAISS, so a plan (and its reason, printed and stored in index.json) can
+be computed and tested for a billion vectors as cheaply as for a thousand.
+
+The rules of ``--kind auto`` (:func:`plan_index`), and why:
+
+- up to ``flat_max_count`` vectors: exact search. At that size a brute-force scan takes well
+  under a millisecond per query and its recall is 1, so an approximate index buys nothing.
+- otherwise IVF, never HNSW: IVF trains on a sample, adds in bounded deterministic chunks,
+  shards and merges into on-disk lists (:mod:`.merge`), and its codes can be far smaller than
+  HNSW's float vectors plus graph links, so one kind scales from RAM to disk.
+- the cells: the power of two nearest 4*sqrt(N) (FAISS's guideline: query cost is the coarse
+  search over nlist centroids plus the scan of nprobe lists of ~N/nlist vectors, balanced near
+  sqrt(N)), at most N/39 so that k-means sees FAISS's minimum of 39 points per centroid.
+- the codes: the most precise that fit ``memory_budget``, because precision bounds the recall
+  any nprobe can reach: SQfp16 (2 bytes/dim, exact for float16 embeddings), then SQ8 (1
+  byte/dim), then OPQ+PQ with the most bytes per vector that fit (lossy: recall may plateau).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+KINDS = ("flat", "hnsw", "ivf_flat", "ivf_sqfp16", "ivf_sq8", "ivf_pq")
+# Spellings users may type (the docs once wrote "ivfpq").
+KIND_ALIASES = {
+    "exact": "flat",
+    "ivfpq": "ivf_pq",
+    "ivf-pq": "ivf_pq",
+    "ivfflat": "ivf_flat",
+    "ivf-flat": "ivf_flat",
+    "ivf_sq16": "ivf_sqfp16",
+    "ivf_fp16": "ivf_sqfp16",
+    "ivf_sqfp16": "ivf_sqfp16",
+}
+GIB = 1 << 30
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that shapes an index build (the CLI flags map onto these fields)."""
+
+    kind: str = "auto"
+    """``auto`` or one of :data:`KINDS` (aliases such as ``ivfpq`` accepted)."""
+    memory_budget: int | None = None
+    """Upper bound in bytes on the index's size (= its RAM when loaded); None: no bound."""
+    target_recall: float = 0.95
+    """recall@10 against exact search that the search parameters are tuned to reach."""
+    nlist: int | None = None
+    """IVF cells; None: the power of two nearest 4*sqrt(N) (FAISS's guideline), >= 39 pts/cell."""
+    hnsw_m: int = 32
+    """HNSW graph degree (links per node on the base layer: 2*M)."""
+    ef_construction: int = 40
+    """HNSW efConstruction (FAISS's default)."""
+    pq_m: int | None = None
+    """IVF-PQ bytes per vector (sub-quantizers); None: the largest that fits the budget."""
+    pq_nbits: int = 8
+    """Bits per PQ sub-quantizer code (8: 256 centroids each; 4 trains much faster)."""
+    opq: bool = True
+    """Rotate with OPQ before IVF-PQ (cheap at search time, notably better PQ codes)."""
+    flat_max_count: int = 20_000
+    """auto: collections up to this size use exact search (it is fast enough and recall 1)."""
+    train_points_per_cell: int = 40
+    """Training sample = this many points per IVF cell (FAISS warns below 39), capped below."""
+    max_train_points: int = 200_000
+    """Cap on the training sample (k-means cost is sample x nlist x dim x iterations)."""
+    kmeans_iterations: int = 10
+    """k-means iterations for the IVF coarse quantizer."""
+    opq_iterations: int = 25
+    """OPQ rotation/PQ alternations (FAISS default 50; the gain flattens well before)."""
+    chunk_size: int = 65_536
+    """Rows per chunk read from the memory-mapped parts while adding / searching exactly."""
+    tune_queries: int = 1000
+    """Number of cross-modal queries sampled for tuning (when no held-out queries are given)."""
+    seed: int = 1234
+    """Seed of the training sample, query sample and k-means."""
+    use_gpu: bool | None = None
+    """None: GPU when FAISS sees one; True: require it (error if absent); False: CPU only."""
+    num_shards: int | None = None
+    """Build per-shard IVF indexes on one quantizer and merge them into on-disk lists."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        normalize_kind(self.kind)
+
+
+def normalize_kind(kind: str) -> str:
+    """Canonical kind name; ValueError listing the valid ones otherwise."""
+    k = kind.strip().lower()
+    k = KIND_ALIASES.get(k, k)
+    if k != "auto" and k not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
+    return k
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_memory_size(text: str | int | None) -> int | None:
+    """Parse "4GB", "512MB", "1G", "1.5GiB", "1000000" into bytes (None stays None).
+
+    K/M/G/T are binary multiples (1G = 2**30 bytes), the convention of autofaiss's
+    ``max_index_memory_usage``, so one budget string means the same to both tools.
+    """
+    if text is None or isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"cannot parse memory size {text!r}; use e.g. 4GB, 512MB, 1G")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# choosing the index
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for one collection and why."""
+
+    kind: str
+    """One of :data:`KINDS`."""
+    factory: str
+    """The FAISS ``index_factory`` string (metric: inner product)."""
+    estimated_bytes: int
+    """Estimated size of the index in RAM / on disk."""
+    reason: str
+    """Why this kind and size (printed and stored in index.json)."""
+    nlist: int | None = None
+    """IVF cells (IVF kinds)."""
+    search_param: str | None = None
+    """The FAISS ParameterSpace name tuned for recall: nprobe, efSearch, or None (exact)."""
+
+
+def default_nlist(count: int) -> int:
+    """Power of two nearest 4*sqrt(N), at most N/39 (FAISS wants >= 39 training points/cell)."""
+    target = 4.0 * math.sqrt(count)
+    nlist = 2 ** round(math.log2(max(target, 1.0)))
+    while nlist > 1 and nlist * 39 > count:
+        nlist //= 2
+    return max(nlist, 1)
+
+
+def _pq_m_choices(dim: int) -> list[int]:
+    """PQ byte counts that divide ``dim`` (largest first), at least 2 dims per sub-quantizer."""
+    return [m for m in range(dim // 2, 0, -1) if dim % m == 0 and m in _PQ_M_OK]
+
+
+# FAISS has fast PQ distance kernels for these sub-quantizer counts.
+_PQ_M_OK = {1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256}
+
+
+def estimate_bytes(
+    kind: str,
+    count: int,
+    dim: int,
+    nlist: int = 0,
+    hnsw_m: int = 32,
+    pq_m: int = 0,
+    opq: bool = False,
+    pq_nbits: int = 8,
+) -> int:
+    """Estimated index size in bytes (codes + ids + graph/quantizer + trained tables)."""
+    quantizer = nlist * dim * 4
+    ids = 8 * count  # IVF stores int64 ids next to the codes
+    if kind == "flat":
+        return count * dim * 4
+    if kind == "hnsw":
+        # base layer 2M int32 links; upper layers add ~1/(M-1) of that; plus level bookkeeping
+        links = 2 * hnsw_m * 4 * (1 + 1 / max(hnsw_m - 1, 1))
+        return int(count * (dim * 4 + links + 12))
+    if kind == "ivf_flat":
+        return count * dim * 4 + ids + quantizer
+    if kind == "ivf_sqfp16":
+        return count * dim * 2 + ids + quantizer
+    if kind == "ivf_sq8":
+        return count * dim + ids + quantizer + 2 * dim * 4
+    if kind == "ivf_pq":
+        pq_tables = (1 << pq_nbits) * dim * 4
+        code = (pq_m * pq_nbits + 7) // 8
+        return count * code + ids + quantizer + pq_tables + (dim * dim * 4 if opq else 0)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _ivf_factory(kind: str, dim: int, nlist: int, pq_m: int, opq: bool, nbits: int = 8) -> str:
+    # Beyond ~32k cells a flat coarse quantizer dominates query time: use HNSW over centroids.
+    coarse = f"IVF{nlist}_HNSW32" if nlist > 32768 else f"IVF{nlist}"
+    codes = {"ivf_flat": "Flat", "ivf_sqfp16": "SQfp16", "ivf_sq8": "SQ8"}.get(kind)
+    if codes is not None:
+        return f"{coarse},{codes}"
+    pq = f"PQ{pq_m}" if nbits == 8 else f"PQ{pq_m}x{nbits}"
+    return f"OPQ{pq_m},{coarse},{pq}" if opq else f"{coarse},{pq}"
+
+
+def plan_index(count: int, dim: int, config: BuildConfig) -> IndexPlan:
+    """Choose the index kind and factory for ``count`` vectors of ``dim`` under the config.
+
+    auto: exact search for small collections; otherwise IVF with the most precise codes that fit
+    the memory budget — SQfp16 (2 bytes/dim), SQ8 (1 byte/dim), OPQ+PQ (M bytes/vector) (the
+    module docstring says why). An explicit kind that does not fit the budget is an error.
+    """
+    if count <= 0:
+        raise ValueError("the collection is empty (0 vectors): nothing to index")
+    shape = _Shape(count, dim, config)
+    kind = normalize_kind(config.kind)
+    if kind == "auto":
+        return _auto_plan(shape)
+    return _explicit_plan(kind, shape)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The collection and the settings every planning rule reads."""
+
+    count: int
+    """Vectors to index."""
+    dim: int
+    """Their dimension."""
+    config: BuildConfig
+    """The build's settings (kind, budget, nlist, PQ, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.nlist > self.count:
+            raise ValueError(f"nlist {self.nlist} exceeds the number of vectors {self.count}")
+
+    @property
+    def nlist(self) -> int:
+        """IVF cells: the configured number, else :func:`default_nlist`."""
+        return self.config.nlist or default_nlist(self.count)
+
+    @property
+    def what(self) -> str:
+        """The collection in words, for reasons and errors."""
+        return f"{self.count} x {self.dim} vectors"
+
+    @property
+    def budget_str(self) -> str:
+        """The memory budget in words."""
+        budget = self.config.memory_budget
+        return format_bytes(budget) if budget is not None else "none"
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether an index of ``nbytes`` is within the memory budget (no budget: always)."""
+        return self.config.memory_budget is None or nbytes <= self.config.memory_budget
+
+
+def _pq_plan(shape: _Shape, reason_prefix: str) -> IndexPlan | None:
+    """IVF-PQ with the most bytes per vector that fit the budget (None: not even PQ1 fits).
+    More sub-quantizers keep more of each vector, so the largest that fits is the most precise."""
+    config, dim, nlist = shape.config, shape.dim, shape.nlist
+    choices = [config.pq_m] if config.pq_m else _pq_m_choices(dim)
+    for m in choices:
+        if dim % m:
+            raise ValueError(f"pq_m {m} does not divide the dimension {dim}")
+        est = estimate_bytes(
+            "ivf_pq", shape.count, dim, nlist=nlist, pq_m=m, opq=config.opq,
+            pq_nbits=config.pq_nbits,
+        )  # fmt: skip
+        if shape.fits(est):
+            return IndexPlan(
+                kind="ivf_pq",
+                factory=_ivf_factory("ivf_pq", dim, nlist, m, config.opq, config.pq_nbits),
+                estimated_bytes=est,
+                nlist=nlist,
+                search_param="nprobe",
+                reason=(
+                    f"{reason_prefix}IVF{nlist} + {'OPQ-rotated ' if config.opq else ''}"
+                    f"PQ{m}x{config.pq_nbits} ({m * config.pq_nbits / 8:g} bytes/vector) "
+                    f"needs ~{format_bytes(est)} <= budget {shape.budget_str}; "
+                    "PQ codes lose precision, so recall may plateau below the target"
+                ),
+            )
+    return None
+
+
+def _explicit_plan(kind: str, shape: _Shape) -> IndexPlan:
+    """The plan for a ``--kind`` the user named: built as asked, or refused if over budget
+    (silently picking another kind would make the flag a suggestion)."""
+    config, what, bstr, nlist = shape.config, shape.what, shape.budget_str, shape.nlist
+    if kind == "ivf_pq":
+        plan = _pq_plan(shape, f"--kind ivf_pq for {what}: ")
+        if plan is None:
+            raise ValueError(
+                f"--kind ivf_pq does not fit the memory budget {bstr} for {what} even with "
+                f"the smallest PQ (ids alone take {format_bytes(8 * shape.count)})"
+            )
+        return plan
+    est = estimate_bytes(kind, shape.count, shape.dim, nlist=nlist, hnsw_m=config.hnsw_m)
+    if not shape.fits(est):
+        raise ValueError(
+            f"--kind {kind} needs ~{format_bytes(est)} for {what}, over the memory budget "
+            f"{bstr}; raise --memory-budget or use --kind auto"
+        )
+    if kind == "flat":
+        return IndexPlan("flat", "Flat", est, f"--kind flat: exact search over {what}")
+    if kind == "hnsw":
+        return IndexPlan(
+            "hnsw",
+            f"HNSW{config.hnsw_m},Flat",
+            est,
+            f"--kind hnsw: HNSW{config.hnsw_m} graph over float32 vectors ({what})",
+            search_param="efSearch",
+        )
+    return IndexPlan(
+        kind,
+        _ivf_factory(kind, shape.dim, nlist, 0, False),
+        est,
+        f"--kind {kind}: IVF{nlist} ({what}), ~{format_bytes(est)}",
+        nlist=nlist,
+        search_param="nprobe",
+    )
+
+
+# The scalar-quantised IVF kinds auto tries, most precise first, with why each is chosen.
+_SQ_CHOICES = (
+    (
+        "ivf_sqfp16",
+        "float16 codes (2 bytes/dim): near-lossless (exact for float16 embeddings), so "
+        "recall is limited only by nprobe",
+    ),
+    (
+        "ivf_sq8",
+        "8-bit codes (1 byte/dim, per-dimension ranges): high recall at half the size of float16",
+    ),
+)
+
+
+def _auto_plan(shape: _Shape) -> IndexPlan:
+    """``--kind auto``: exact search when small, else IVF with the most precise codes that fit."""
+    config, what, bstr, nlist = shape.config, shape.what, shape.budget_str, shape.nlist
+    flat_est = estimate_bytes("flat", shape.count, shape.dim)
+    sharded = config.num_shards is not None and config.num_shards > 1
+    # A sharded build merges IVF lists on disk: a flat index has no lists to merge.
+    if shape.count <= config.flat_max_count and shape.fits(flat_est) and not sharded:
+        return IndexPlan(
+            "flat",
+            "Flat",
+            flat_est,
+            f"auto: {what} <= {config.flat_max_count}: exact search is fast at this size "
+            f"(~{format_bytes(flat_est)}, recall 1.0)",
+        )
+    for kind, why in _SQ_CHOICES:
+        est = estimate_bytes(kind, shape.count, shape.dim, nlist=nlist)
+        if shape.fits(est):
+            too_slow = (
+                f" > {config.flat_max_count} (exact search too slow)"
+                if shape.fits(flat_est)
+                else f"; exact search would need {format_bytes(flat_est)} > budget {bstr}"
+            )
+            return IndexPlan(
+                kind,
+                _ivf_factory(kind, shape.dim, nlist, 0, False),
+                est,
+                f"auto: {what}{too_slow}; IVF{nlist} (~4*sqrt(N) cells, scan nprobe of them) "
+                f"with {why}: ~{format_bytes(est)} <= budget {bstr}",
+                nlist=nlist,
+                search_param="nprobe",
+            )
+    sq8 = estimate_bytes("ivf_sq8", shape.count, shape.dim, nlist=nlist)
+    plan = _pq_plan(
+        shape, f"auto: {what}; IVF-SQ8 would need {format_bytes(sq8)} > budget {bstr}, so "
+    )
+    if plan is None:
+        smallest = estimate_bytes("ivf_pq", shape.count, shape.dim, nlist, pq_m=1)
+        raise ValueError(
+            f"memory budget {bstr} is too small for {what}: even the smallest IVF-PQ needs "
+            f"~{format_bytes(smallest)} (ids alone take {format_bytes(8 * shape.count)})"
+        )
+    return plan
+
+
+def train_sample_size(plan: IndexPlan, count: int, config: BuildConfig) -> int:
+    """Rows used to train: ``train_points_per_cell`` per IVF cell (PQ: >= 40 per PQ centroid)."""
+    if plan.kind in ("flat", "hnsw"):
+        return 0
+    want = config.train_points_per_cell * (plan.nlist or 1)
+    if plan.kind == "ivf_pq":
+        want = max(want, 40 << config.pq_nbits)  # each sub-quantizer has 2**nbits centroids
+    return min(count, max(want, 1000), max(config.max_train_points, 1000))
