@@ -218,7 +218,7 @@ def _alarm(seconds: float) -> Iterator[None]:
 def environment(device: Any) -> dict[str, Any]:
     import torch
 
-    from clipforge.pretrain.train import PEAK_BF16_FLOPS
+    from clipforge.pretrain.throughput import PEAK_BF16_FLOPS
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -259,7 +259,7 @@ def peak_flops(device: Any) -> float | None:
     """The GPU's dense bf16 peak from the trainer's public table (None: CPU or unknown GPU)."""
     import torch
 
-    from clipforge.pretrain.train import PEAK_BF16_FLOPS
+    from clipforge.pretrain.throughput import PEAK_BF16_FLOPS
 
     if device.type != "cuda":
         return None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,8 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast_object(obj: _T, info: DistInfo) -> _T:
+    """Rank 0's ``obj`` on every rank (every rank passes a value of the same type)."""
     if not info.distributed:
         return obj
     box = [obj]

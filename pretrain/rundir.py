@@ -40,7 +40,7 @@ class RunDirBusy(ConfigError):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _pid_alive(pid: int) -> bool:

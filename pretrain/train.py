@@ -1,20 +1,23 @@
 """The training loop: :func:`train` sets up, :meth:`Trainer.train` reads top to bottom.
 
 Everything is counted in optimizer steps and samples seen. Rank 0 writes; every rank computes.
+The pieces around the loop live in their own modules: the optimizer and the schedule's resume
+rules in :mod:`~clipforge.pretrain.optim`, the metrics sinks in
+:mod:`~clipforge.pretrain.metrics_log`, throughput and MFU in
+:mod:`~clipforge.pretrain.throughput`, one step's forward/backward in
+:mod:`~clipforge.pretrain.step`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import math
 import os
 import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -62,7 +65,9 @@ from clipforge.pretrain.distributed import (
     shutdown,
 )
 from clipforge.pretrain.losses import make_loss
+from clipforge.pretrain.metrics_log import MetricsLog
 from clipforge.pretrain.models import build_model, export_open_clip, load_tokenizer
+from clipforge.pretrain.optim import legacy_schedule, make_optimizer, resume_schedule, set_lr
 from clipforge.pretrain.parallelize import (
     clip_grad_norm,
     full_model_state_dict,
@@ -71,7 +76,7 @@ from clipforge.pretrain.parallelize import (
     parallelize,
     unwrap,
 )
-from clipforge.pretrain.pooled_forward import batch_text_positions, full_context_tokens
+from clipforge.pretrain.pooled_forward import batch_text_positions
 from clipforge.pretrain.rundir import (
     METRICS_NAME,
     RESTARTS_NAME,
@@ -84,14 +89,13 @@ from clipforge.pretrain.rundir import (
 from clipforge.pretrain.schedule import (
     SCHEDULE_KEYS,
     Schedule,
-    Segment,
-    extend,
     initial_schedule,
     lr_at,
     schedule_from_state,
     schedule_state,
 )
 from clipforge.pretrain.step import forward_backward
+from clipforge.pretrain.throughput import StepWindow, count_flops_per_sample, utilization
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +103,6 @@ EvalCallback = Callable[[nn.Module, int], dict[str, float]]
 """(model, step) -> metrics: called every ``train.eval_every`` steps on every rank."""
 
 EVAL_CALLBACK_GROUP = "clipforge.eval_callbacks"
-
-# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (matched on the device name).
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-}
 
 
 class TrainingAborted(RuntimeError):
@@ -164,13 +158,17 @@ class _Plan:
     checkpoint: str | None
     """The checkpoint to resume from (None: a fresh start)."""
     step: int
+    """The step the run continues from (0: a fresh start)."""
     samples_seen: int
+    """Samples consumed over all ranks up to ``step``."""
     complete: bool
     """The checkpoint is at or past ``train.steps``: nothing to train, nothing to change."""
     schedule: list[dict[str, Any]]
+    """The learning-rate schedule to follow, as :func:`schedule_state` writes it."""
     changes: dict[str, tuple[Any, Any]]
     """Settings that differ from the checkpoint's (all allowed on resume)."""
     last_loss: float = float("nan")
+    """The last logged loss of a complete run (NaN otherwise)."""
 
 
 class Trainer:
@@ -189,6 +187,8 @@ class Trainer:
         self.metrics_file = self.run_dir / METRICS_NAME
         self._lock: RunLock | None = None
         self._state: dict[str, Any] | None = None  # rank 0: the checkpoint read while planning
+        # built last in setup: absent when setup stopped early or the run was already complete
+        self.metrics: MetricsLog | None = None
         try:
             self._setup(eval_callback)
         except BaseException:
@@ -196,7 +196,9 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Give up the run directory's lock (rank 0); idempotent."""
+        """Close the metrics sinks and give up the run directory's lock (rank 0); idempotent."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -214,114 +216,69 @@ class Trainer:
 
         if info.device.type == "cpu":
             keep_freed_memory()  # activations reused, not page-faulted in every step
-        torch.manual_seed(tc.seed)
-        siglip = config.loss.kind == "siglip"
-        model, self.model_cfg = build_model(
-            config.model,
-            siglip=siglip,
-            init_logit_scale=config.loss.init_logit_scale,
-            init_logit_bias=config.loss.init_logit_bias,
-        )
-        self.preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        self.flops = _count_flops_per_sample(model, self.model_cfg)
-        # FSDP all-gathers parameters in bf16 under bf16 autocast (half the bytes; the compute
-        # is bf16 anyway) and reduces gradients in float32 (see parallelize).
-        fsdp_bf16 = config.model.fsdp and config.train.precision == "bf16"
-        self.model = parallelize(
-            model, config.model, info, param_dtype=torch.bfloat16 if fsdp_bf16 else None
-        )
+        torch.manual_seed(tc.seed)  # before the model: its initial weights come from this seed
+        self._build_model()
         self.loss_fn = make_loss(config.loss.kind)
-        self.optimizer = _make_optimizer(unwrap(self.model), config)
+        self.optimizer = make_optimizer(unwrap(self.model), config)
         self.schedule: Schedule = schedule_from_state(self.plan.schedule)
-        dev_type = info.device.type
-        self.scaler = torch.amp.GradScaler(dev_type) if tc.precision == "fp16" else None
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.autocast = (
-            (lambda: torch.autocast(dev_type, dtype=dtype)) if dtype else (contextlib.nullcontext)
-        )
-        self.nonfinite_steps = 0
+        self._set_precision()
+        self.nonfinite_steps = 0  # over the whole run (restored on resume)
+        self._consecutive_bad = 0  # non-finite steps in a row, for train.max_nonfinite
         position = self._resume()
         self._record_start()
         self.loader = self._make_loader(position)
-        self.tb = self._tensorboard() if tc.tensorboard and info.is_main else None
+        self.metrics = MetricsLog(
+            self.metrics_file,
+            total_steps=tc.steps,
+            enabled=info.is_main,
+            tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None,
+            progress=tc.progress,
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        """Train from ``self.step`` to ``train.steps``; one iteration is one optimizer step over
+        one global batch (``data.batch_size`` per rank, split in ``train.accum_steps``)."""
         tc = self.config.train
         if self.plan.complete:
             return self._already_complete()
+        assert self.metrics is not None
         global_batch = self.config.data.batch_size * self.info.world_size
         batches = self._batches()
-        consecutive_bad = 0
-        window = _Window()
-        progress = self._progress()
-        loss_value = float("nan")
+        window = StepWindow()
+        self.metrics.start_progress(self.step)
+        loss = float("nan")
         try:
             while self.step < tc.steps:
-                lr = lr_at(self.schedule, self.step)  # the rate this step uses
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                # The rate is a pure function of the step (no torch scheduler state), so a run
+                # resumed from a checkpoint trains with exactly the rates of an unbroken one.
+                lr = lr_at(self.schedule, self.step)
+                set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 batch = next(batches)
-                t_data = time.perf_counter() - t0
-                images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
-                texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
-                # per caption, from the host copy: no device sync for a metric
-                text_positions = batch_text_positions(unwrap(self.model), batch["text"])
-                out = forward_backward(
-                    self.model,
-                    images,
-                    texts,
-                    self.loss_fn,
-                    accum_steps=tc.accum_steps,
-                    autocast=self.autocast,
-                    no_sync=getattr(self.model, "no_sync", None),
-                    grad_scaler=self.scaler,
-                )
-                loss_value = float(out["loss"])
+                t_data = time.perf_counter() - t0  # time blocked on the loader: data-wait
+                out, text_positions = self._forward_backward(batch)
+                # float() waits for the device: from here on the step's compute is done, and the
+                # loss is known on this rank (not averaged: that costs a collective per step).
+                loss = float(out["loss"])
                 grad_norm = self._clip_gradients()
-                bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-                if all_reduce_max(float(bad), self.info) > 0:  # every rank skips the same step
-                    self.nonfinite_steps += 1
-                    consecutive_bad += 1
-                    log.warning(
-                        "step %d: non-finite loss %.4g / grad norm %.4g: step skipped",
-                        self.step + 1,
-                        loss_value,
-                        grad_norm,
-                    )
-                    if consecutive_bad >= tc.max_nonfinite:
-                        raise TrainingAborted(
-                            f"{consecutive_bad} consecutive steps with a non-finite loss or "
-                            f"gradient norm (last: loss {loss_value}, grad norm {grad_norm}) at "
-                            f"step {self.step + 1}: lower optim.lr, use precision bf16/fp32, or "
-                            "check data"
-                        )
-                    if self.scaler is not None:
-                        self.scaler.update()
-                else:
-                    consecutive_bad = 0
-                    if self.scaler is not None:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self._clamp_logit_scale()
+                self._optimizer_step(loss, grad_norm)
                 self.step += 1
                 self.samples_seen += global_batch
                 window.add(global_batch, t_data, time.perf_counter() - t0, text_positions)
-                progress(self.step, loss_value)
+                self.metrics.progress(self.step, loss)
+                # The last step always logs and checkpoints, whatever the intervals: the run's
+                # final state is on disk and its final loss in metrics.jsonl.
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    self._log(window.flush(loss_value, out["logit_scale"], grad_norm), lr)
+                    self._log(window.flush(loss, out["logit_scale"], grad_norm), lr)
                 if self.eval_callback and tc.eval_every and self.step % tc.eval_every == 0:
                     self._evaluate()
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                    self._save_checkpoint(loss_value)
+                    self._save_checkpoint(loss)
         finally:
             batches.close()  # the data workers stop now, also when a step fails
         model_dir = self._export()
-        return TrainResult(self.run_dir, self.step, self.samples_seen, loss_value, model_dir)
+        return TrainResult(self.run_dir, self.step, self.samples_seen, loss, model_dir)
 
     # ------------------------------------------------------------------ setup pieces
     def _preflight(self) -> None:
@@ -364,7 +321,7 @@ class Trainer:
             except Exception as e:
                 broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"), self.info)
                 raise
-        plan, error = broadcast_object((plan, error), self.info)  # type: ignore[misc]
+        plan, error = broadcast_object((plan, error), self.info)
         if error:
             raise ConfigError(error)
         assert plan is not None
@@ -376,17 +333,7 @@ class Trainer:
         writes and renaming corrupt checkpoints aside."""
         cfg, tc = self.config, self.config.train
         ckpt_dir = self.run_dir / "checkpoints"
-        removed = [
-            p
-            for folder in (self.run_dir, ckpt_dir, self.run_dir / "model")
-            for p in remove_temp_files(folder)
-        ]
-        if removed:
-            log.info(
-                "removed %d temp file(s) left by an interrupted write: %s",
-                len(removed),
-                ", ".join(str(p.relative_to(self.run_dir)) for p in removed),
-            )
+        self._sweep_temp_files()
         fresh = _Plan(None, 0, 0, False, schedule_state(initial_schedule(cfg)), {})
         if not tc.resume:
             found = list_checkpoints(ckpt_dir)
@@ -401,24 +348,7 @@ class Trainer:
         if newest is None:
             return fresh
         path, state = newest
-        positions = state["data_positions"]
-        if len(positions) != self.info.world_size:
-            raise ConfigError(
-                f"{path} was written by {len(positions)} ranks; resuming "
-                f"with {self.info.world_size} would not continue the same data"
-            )
-        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-        if not saved:
-            log.warning("%s records no config: the resume cannot check its settings", path)
-        diffs = config_differences(saved, cfg) if saved else {}
-        refused = {k: v for k, v in diffs.items() if k not in RESUME_MUTABLE}
-        if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-            raise ConfigError(
-                f"cannot resume {path} with different settings ({listed}): they change what "
-                "the checkpoint holds or the data it continues; set them back, or use another "
-                "train.run_dir (settings a resume may change: see the README's pretrain section)"
-            )
+        saved, diffs = self._check_resumable(path, state)
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         self._state = state
         if step >= tc.steps:
@@ -429,44 +359,77 @@ class Trainer:
         if "schedule" in state:
             schedule = schedule_from_state(state["schedule"])
         else:  # written before schedules were stored: the one its own config described
-            schedule = _first_schedule(saved, cfg)
-        schedule_changes = {k: v for k, v in diffs.items() if k in SCHEDULE_KEYS}
-        if schedule_changes:
-            listed = ", ".join(
-                f"{k} {old!r} -> {new!r}" for k, (old, new) in schedule_changes.items()
-            )
-            current = lr_at(schedule, step)
-            last = schedule[-1]
-            # a constant rate past its warmup has no decay to restart: it just goes on
-            constant_goes_on = (
-                set(schedule_changes) == {"train.steps"}
-                and last.kind == "constant"
-                and step - last.start >= last.warmup_steps
-            )
-            if constant_goes_on and not tc.extend_schedule:
-                schedule = [*schedule[:-1], dataclasses.replace(last, end=tc.steps)]
-                log.info("%s: the constant rate %.3g goes on to the new end", listed, current)
-            elif not tc.extend_schedule:
-                raise ConfigError(
-                    f"resuming {path} at step {step} with {listed} changes the learning-rate "
-                    f"schedule (the next step's rate is {current:.3g}): say how it continues, "
-                    "--set train.extend_schedule=rewarm (warm up from it to optim.lr over "
-                    "optim.warmup_steps steps, then decay to the new end) or "
-                    "--set train.extend_schedule=continue_lr (decay from it to the new end)"
-                )
-            else:
-                schedule = extend(schedule, step, cfg, tc.extend_schedule)
-                log.info(
-                    "schedule changed at step %d (%s) by train.extend_schedule=%s: %s",
-                    step,
-                    listed,
-                    tc.extend_schedule,
-                    schedule[-1].describe(),
-                )
+            schedule = legacy_schedule(saved, cfg)
+        schedule = resume_schedule(schedule, step, diffs, cfg, str(path))
         for key, (old, new) in diffs.items():
             if key not in SCHEDULE_KEYS and key != "train.extend_schedule":
                 log.info("resume changes %s: %r -> %r", key, old, new)
         return _Plan(str(path), step, samples_seen, False, schedule_state(schedule), diffs)
+
+    def _sweep_temp_files(self) -> None:
+        """Remove the temp files of writes that a killed run left (never a finished file)."""
+        folders = (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "model")
+        removed = [p for folder in folders for p in remove_temp_files(folder)]
+        if removed:
+            log.info(
+                "removed %d temp file(s) left by an interrupted write: %s",
+                len(removed),
+                ", ".join(str(p.relative_to(self.run_dir)) for p in removed),
+            )
+
+    def _check_resumable(
+        self, path: Path, state: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+        """The checkpoint's saved config and the settings that differ from it; raises when the
+        resume would not continue the same run (another world size, a refused change)."""
+        positions = state["data_positions"]
+        if len(positions) != self.info.world_size:
+            raise ConfigError(
+                f"{path} was written by {len(positions)} ranks; resuming "
+                f"with {self.info.world_size} would not continue the same data"
+            )
+        saved: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
+        if not saved:
+            log.warning("%s records no config: the resume cannot check its settings", path)
+        diffs = config_differences(saved, self.config) if saved else {}
+        refused = {k: v for k, v in diffs.items() if k not in RESUME_MUTABLE}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ConfigError(
+                f"cannot resume {path} with different settings ({listed}): they change what "
+                "the checkpoint holds or the data it continues; set them back, or use another "
+                "train.run_dir (settings a resume may change: see the README's pretrain section)"
+            )
+        return saved, diffs
+
+    def _build_model(self) -> None:
+        """The model, its open_clip config and preprocessing, its FLOPs, wrapped for the job."""
+        config = self.config
+        model, self.model_cfg = build_model(
+            config.model,
+            siglip=config.loss.kind == "siglip",
+            init_logit_scale=config.loss.init_logit_scale,
+            init_logit_bias=config.loss.init_logit_bias,
+        )
+        self.preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        # counted on the bare model: the wrappers' hooks would be counted too
+        self.flops = count_flops_per_sample(model, self.model_cfg)
+        # FSDP all-gathers parameters in bf16 under bf16 autocast (half the bytes; the compute
+        # is bf16 anyway) and reduces gradients in float32 (see parallelize).
+        fsdp_bf16 = config.model.fsdp and config.train.precision == "bf16"
+        self.model = parallelize(
+            model, config.model, self.info, param_dtype=torch.bfloat16 if fsdp_bf16 else None
+        )
+
+    def _set_precision(self) -> None:
+        """Autocast for bf16/fp16 and, for fp16 only, a gradient scaler: fp16's narrow exponent
+        underflows small gradients unless the loss is scaled up first (bf16 has fp32's range)."""
+        precision, dev_type = self.config.train.precision, self.info.device.type
+        self.scaler = torch.amp.GradScaler(dev_type) if precision == "fp16" else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (
+            (lambda: torch.autocast(dev_type, dtype=dtype)) if dtype else (contextlib.nullcontext)
+        )
 
     def _make_loader(self, position: StreamPosition) -> ShardLoader:
         cfg = self.config
@@ -503,7 +466,7 @@ class Trainer:
             ),
         )
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def _batches(self) -> Generator[dict[str, Any], None, None]:
         """Endless batches: a new exact pass starts when one ends."""
         while True:
             empty = True
@@ -550,7 +513,7 @@ class Trainer:
             else:
                 truncate_metrics(self.metrics_file, self.step)
             record = {
-                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "event": "resume" if self.plan.checkpoint else "start",
                 "step": self.step,
                 "steps": self.config.train.steps,
@@ -600,60 +563,112 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ step pieces
+    def _forward_backward(self, batch: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """The step's forward and backward into ``.grad`` (the whole per-rank batch, as
+        ``train.accum_steps`` micro-batches), and the mean text positions its captions ran."""
+        images = batch["image"].to(self.info.device, non_blocking=True)  # (B, 3, H, W)
+        texts = batch["text"].to(self.info.device, non_blocking=True)  # (B, context)
+        # per caption, from the host copy: no device sync for a metric
+        text_positions = batch_text_positions(unwrap(self.model), batch["text"])
+        # Accumulation keeps the whole batch as each caption's negatives (the contrastive loss
+        # is not a sum over samples, so micro-batch losses cannot simply be added): see step.py.
+        out = forward_backward(
+            self.model,
+            images,
+            texts,
+            self.loss_fn,
+            accum_steps=self.config.train.accum_steps,
+            autocast=self.autocast,
+            no_sync=getattr(self.model, "no_sync", None),
+            grad_scaler=self.scaler,
+        )
+        return out, text_positions
+
     def _clip_gradients(self) -> float:
+        """Clip to ``optim.grad_clip`` and return the norm before clipping (inf when off)."""
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         return clip_grad_norm(self.model, self.config.optim.grad_clip or float("inf"))
 
-    def _clamp_logit_scale(self) -> None:
-        with torch.no_grad():
-            unwrap(self.model).logit_scale.clamp_(0, self.config.loss.max_logit_scale)
+    def _optimizer_step(self, loss: float, grad_norm: float) -> None:
+        """Apply the gradients, or skip the step where any rank's loss or norm is not finite."""
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        # every rank must skip the same step, or the replicas' weights would diverge
+        if all_reduce_max(float(bad), self.info) > 0:
+            self._skip_step(loss, grad_norm)
+        else:
+            self._consecutive_bad = 0
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: no memset, no stale add
+        self._clamp_logit_scale()
 
-    def _log(self, metrics: dict[str, Any], lr: float) -> None:
-        metrics["loss"] = all_reduce_mean(metrics["loss"], self.info)
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        """Count a non-finite step; abort after ``train.max_nonfinite`` of them in a row (one
+        bad batch is noise, a run of them is a diverged run)."""
+        self.nonfinite_steps += 1
+        self._consecutive_bad += 1
+        log.warning(
+            "step %d: non-finite loss %.4g / grad norm %.4g: step skipped",
+            self.step + 1,
+            loss,
+            grad_norm,
+        )
+        if self._consecutive_bad >= self.config.train.max_nonfinite:
+            raise TrainingAborted(
+                f"{self._consecutive_bad} consecutive steps with a non-finite loss or "
+                f"gradient norm (last: loss {loss}, grad norm {grad_norm}) at "
+                f"step {self.step + 1}: lower optim.lr, use precision bf16/fp32, or "
+                "check data"
+            )
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale: the usual cause of fp16 overflow
+
+    def _clamp_logit_scale(self) -> None:
+        """Keep the learned temperature within ``loss.max_logit_scale`` (CLIP's 100): an
+        unbounded scale makes the softmax a hard max and training unstable."""
+        logit_scale = unwrap(self.model).logit_scale
+        assert isinstance(logit_scale, torch.Tensor)  # a Parameter (nn.Module types it loosely)
+        with torch.no_grad():
+            logit_scale.clamp_(0, self.config.loss.max_logit_scale)
+
+    def _log(self, step_figures: dict[str, Any], lr: float) -> None:
+        """One metrics line (every rank joins the loss mean; rank 0 writes)."""
+        step_figures["loss"] = all_reduce_mean(step_figures["loss"], self.info)
         if not self.info.is_main:
             return
+        assert self.metrics is not None
         n_dev = self.info.world_size
         record = {
             "step": self.step,
             "samples_seen": self.samples_seen,
-            **metrics,
+            **step_figures,
             "lr": lr,
-            "samples_per_s_per_device": round(metrics["samples_per_s"] / n_dev, 2),
+            "samples_per_s_per_device": round(step_figures["samples_per_s"] / n_dev, 2),
             "skipped_samples": dict(self.loader.skipped),
             "nonfinite_steps": self.nonfinite_steps,
         }
-        if self.flops:
-            image_flops, text_flops_per_position = self.flops
-            per_sample = image_flops + text_flops_per_position * metrics["text_positions"]
-            achieved = per_sample * metrics["samples_per_s"] / n_dev
-            record["tflops_per_device"] = round(achieved / 1e12, 3)
-            peak = _peak_flops(self.info.device)
-            if peak:
-                record["mfu"] = round(achieved / peak, 4)
-        append_jsonl(self.metrics_file, record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, self.step)
-        if not self._bar:
-            print(
-                f"step {self.step}/{self.config.train.steps} loss {record['loss']:.4f} "
-                f"lr {record['lr']:.2e} T {record['temperature']:.4f} "
-                f"{record['samples_per_s']:.1f} samples/s "
-                f"data-wait {record['data_wait_frac']:.0%}",
-                flush=True,
+        record.update(
+            utilization(
+                self.flops,
+                step_figures["text_positions"],
+                step_figures["samples_per_s"],
+                n_dev,
+                self.info.device,
             )
+        )
+        self.metrics.log(record)
 
     def _evaluate(self) -> None:
-        assert self.eval_callback is not None
+        assert self.eval_callback is not None and self.metrics is not None
         results = self.eval_callback(unwrap(self.model), self.step)
         self.model.train()
-        if self.info.is_main and results:
+        if results:
             record = {"step": self.step, "samples_seen": self.samples_seen}
-            append_jsonl(
-                self.metrics_file, {**record, **{f"eval/{k}": v for k, v in results.items()}}
-            )
+            self.metrics.log_eval({**record, **{f"eval/{k}": v for k, v in results.items()}})
 
     def _save_checkpoint(self, loss: float) -> None:
         positions = _gather_positions(self.loader.position, self.info)
@@ -710,104 +725,6 @@ class Trainer:
             raise TrainingAborted(error)
         return out
 
-    # ------------------------------------------------------------------ display
-    _bar = None
-
-    def _progress(self) -> Callable[[int, float], None]:
-        mode = self.config.train.progress
-        interactive = sys.stdout.isatty() if mode == "auto" else mode == "bar"
-        if not (interactive and self.info.is_main):
-            return lambda step, loss: None
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True
-        )
-
-        def update(step: int, loss: float) -> None:
-            assert self._bar is not None
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{loss:.4f}")
-
-        return update
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "train.tensorboard=true needs the tensorboard package (pip install tensorboard)"
-            ) from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-
-class _Window:
-    """Throughput and data-wait over the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self.data_s = 0.0
-        self.total_s = 0.0
-        self.text_positions = 0.0
-        self.steps = 0
-
-    def add(self, samples: int, data_s: float, total_s: float, text_positions: float) -> None:
-        self.samples += samples
-        self.data_s += data_s
-        self.total_s += total_s
-        self.text_positions += text_positions
-        self.steps += 1
-
-    def flush(self, loss: float, logit_scale: float, grad_norm: float) -> dict[str, Any]:
-        out = {
-            "loss": loss,
-            "logit_scale": round(float(logit_scale), 4),
-            "temperature": round(1.0 / float(logit_scale), 5) if logit_scale else float("nan"),
-            "grad_norm": round(grad_norm, 4),
-            "samples_per_s": round(self.samples / self.total_s, 2) if self.total_s else 0.0,
-            "data_wait_frac": round(self.data_s / self.total_s, 4) if self.total_s else 0.0,
-            "text_positions": round(self.text_positions / self.steps, 2) if self.steps else 0.0,
-        }
-        self.__init__()  # type: ignore[misc]
-        return out
-
-
-def _make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, scalars (logit scale/bias) and embeddings' gains."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = (
-            p.ndim < 2 or "logit_" in name or ".ln" in name or "bn" in name or ("bias" in name)
-        )
-        (no_decay if exclude else decay).append(p)
-    oc = config.optim
-    groups = [
-        {"params": decay, "weight_decay": oc.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = oc.fused and not config.model.fsdp
-    return torch.optim.AdamW(
-        groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused or None
-    )
-
-
-def _first_schedule(saved: dict[str, Any], config: Config) -> Schedule:
-    """The schedule a checkpoint written before schedules were stored followed: its config's."""
-    optim, steps = saved.get("optim", {}), saved.get("train", {}).get("steps", config.train.steps)
-    oc = config.optim
-    return [
-        Segment(
-            start=0,
-            end=int(steps),
-            peak_lr=float(optim.get("lr", oc.lr)),
-            warmup_steps=int(optim.get("warmup_steps", oc.warmup_steps)),
-            kind=optim.get("schedule", oc.schedule),
-            min_ratio=float(optim.get("min_lr_ratio", oc.min_lr_ratio)),
-        )
-    ]
-
 
 def _export_matches(model_dir: Path, weights: dict[str, torch.Tensor]) -> bool:
     """``model_dir`` holds an export of exactly ``weights``."""
@@ -835,35 +752,6 @@ def _gather_hosts(info: DistInfo) -> list[str]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, host)
     return list(dict.fromkeys(out))
-
-
-def _count_flops_per_sample(model: nn.Module, model_cfg: dict[str, Any]) -> tuple[float, float]:
-    """(image FLOPs per sample, text FLOPs per sample per text position) of forward + backward,
-    counted once on a 2-sample batch, backward taken as 2x forward (an estimate for MFU; frozen
-    towers make the true figure lower). The text tower is counted over the whole context and
-    scaled by the positions each step actually runs (text trimming), linearly: attention's
-    quadratic term is < L / (12 x width) of the tower."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    size = model_cfg["vision_cfg"].get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    ctx = model_cfg["text_cfg"].get("context_length", 77)
-    images = torch.zeros(2, 3, size, size)
-    texts = full_context_tokens(model, 2, ctx)  # the pooled token last: the whole context runs
-    image_counter, text_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
-    with torch.no_grad():
-        with image_counter:
-            model.encode_image(images)
-        with text_counter:
-            model.encode_text(texts)
-    return 3 * image_counter.get_total_flops() / 2, 3 * text_counter.get_total_flops() / 2 / ctx
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def _gather_positions(position: StreamPosition, info: DistInfo) -> list[dict[str, Any]]:

@@ -86,7 +86,7 @@ def _train(demo: Path, run: Path, *sets: str) -> list[dict]:
 
 
 def test_trainer_on_cuda_in_bf16_reports_mfu_and_matches_cpu(demo: Path, tmp_path: Path) -> None:
-    from clipforge.pretrain.train import PEAK_BF16_FLOPS
+    from clipforge.pretrain.throughput import PEAK_BF16_FLOPS
 
     cpu = _train(demo, tmp_path / "cpu", "train.device=cpu", "train.precision=fp32")
     gpu = _train(demo, tmp_path / "gpu", "train.device=cuda", "train.precision=bf16")

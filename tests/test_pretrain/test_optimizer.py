@@ -8,8 +8,8 @@ import torch
 
 from clipforge.pretrain.config import load_config
 from clipforge.pretrain.losses import make_loss
+from clipforge.pretrain.optim import make_optimizer
 from clipforge.pretrain.step import forward_backward
-from clipforge.pretrain.train import _make_optimizer
 from tests.test_pretrain.oracle_data import batch, tiny_model
 
 
@@ -19,7 +19,7 @@ def _train_3_steps(fused: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]
     # float64: the key bias's gradient is zero up to round-off, which Adam scales up to ~lr in
     # float32, differently per implementation
     model = tiny_model("infonce")
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     images, texts = batch()
     for _ in range(3):
         forward_backward(model, images, texts, make_loss("infonce"))
