@@ -33,7 +33,7 @@ def _rgb(value: str) -> tuple[int, int, int]:
         parts = ()
     if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
         raise argparse.ArgumentTypeError(f"--background wants R,G,B in 0..255, got {value!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,24 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
     d.add_argument("out_dir", help="folder the demo shards go to (created)")
 
-    b = sub.add_parser("bench", help="write and read throughput, side by side with open_clip")
-    b.add_argument("--work-dir", default="bench-work", help="scratch folder (reused)")
-    b.add_argument("--images", type=int, default=10000, help="synthetic images to write")
-    b.add_argument(
-        "--source-size", type=int, default=256, help="side of the synthetic source images"
-    )
-    b.add_argument("--image-size", type=int, default=256, help="side stored in the shards")
-    b.add_argument("--read-size", type=int, default=224, help="side of the reader's tensors")
-    b.add_argument("--write-workers", type=int, default=2, help="writer processes")
-    b.add_argument("--read-workers", default="1,2", help="comma-separated worker counts")
-    b.add_argument("--batch-size", type=int, default=64, help="reader batch size")
-    b.add_argument(
-        "--peer-python",
-        default=None,
-        help="python of the open_clip_train venv (default: $CLIPFORGE_PEER_OPENCLIP "
-        "or /work/peers/openclip/bin/python)",
-    )
-    b.add_argument("--json", help="also write all figures to this JSON file")
     return parser
 
 
@@ -255,37 +237,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from clipforge.data_tools.benchmark import DEFAULT_PEER_PYTHON, BenchConfig, run_benchmark
-
-    peer = args.peer_python or os.environ.get("CLIPFORGE_PEER_OPENCLIP", DEFAULT_PEER_PYTHON)
-    cfg = BenchConfig(
-        work_dir=Path(args.work_dir),
-        images=args.images,
-        source_size=args.source_size,
-        image_size=args.image_size,
-        read_size=args.read_size,
-        write_workers=args.write_workers,
-        read_workers=tuple(int(w) for w in args.read_workers.split(",")),
-        batch_size=args.batch_size,
-        peer_python=peer,
-    )
-    figures = run_benchmark(cfg)
-    if args.json:
-        from clipforge.data_tools.atomic import write_json_atomic
-
-        write_json_atomic(args.json, figures)
-    return 0
-
-
 _COMMANDS = {
     "write": _write,
     "merge-manifests": _merge,
     "stats": _stats,
     "verify": _verify,
     "demo": _demo,
-    "bench": _bench,
 }
