@@ -41,8 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipforge-data", description=__doc__, formatter_class=DefaultsHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=subparser_class())
+    _add_write_parser(
+        sub.add_parser("write", help="write a folder or table of images + captions as shards")
+    )
 
-    w = sub.add_parser("write", help="write a folder or table of images + captions as shards")
+    m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
+    m.add_argument("out_dir", help="the folder every --part run wrote into")
+
+    s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
+    s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--workers", type=int, default=2, help="processes reading shards")
+
+    v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
+    v.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    v.add_argument("--workers", type=int, default=2, help="processes reading shards")
+
+    d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
+    d.add_argument("out_dir", help="folder the demo shards go to (created)")
+    return parser
+
+
+def _add_write_parser(w: argparse.ArgumentParser) -> None:
+    """``clipforge-data write``'s arguments (WriteConfig's fields, one flag each)."""
     w.add_argument(
         "src",
         help="folder of images with same-stem .txt captions, or a .csv/.tsv/.jsonl/.parquet table",
@@ -107,23 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--no-resume", action="store_true", help="rewrite shards already complete")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
-    m.add_argument("out_dir", help="the folder every --part run wrote into")
-
-    s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
-    s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--workers", type=int, default=2, help="processes reading shards")
-
-    v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
-    v.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
-    v.add_argument("--workers", type=int, default=2, help="processes reading shards")
-
-    d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
-    d.add_argument("out_dir", help="folder the demo shards go to (created)")
-
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
