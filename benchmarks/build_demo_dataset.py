@@ -1,7 +1,7 @@
 """Rebuild the embedded emoji demo dataset from the two npm tarballs.
 
     npm pack emoji-datasource-google@16.0.0 emojibase-data@17.0.0
-    python -m clipforge.data_tools.build_demo_dataset \\
+    python -m benchmarks.build_demo_dataset \\
         emoji-datasource-google-16.0.0.tgz emojibase-data-17.0.0.tgz data_tools/demo_data
 
 Every base emoji (no skin-tone variants) with a Google image becomes one sample: the 64x64 Noto
@@ -28,6 +28,8 @@ from typing import Any
 from clipforge.data_tools.writer import WriteConfig, write_shards
 
 SHARD_SIZE = 240
+DEMO_DATA = Path(__file__).resolve().parents[1] / "data_tools" / "demo_data"
+"""Where the package's demo data lives in the checkout (``clipforge.data_tools``'s package data)."""
 MAX_TAGS = 3
 
 
@@ -98,7 +100,7 @@ were alpha-composited onto white and re-encoded as WebP.
 Emoji data (names, categories): emoji-datasource-google@16.0.0, MIT License, below.
 English tags and Chinese labels: emojibase-data@17.0.0, MIT License, below.
 
-Rebuilt with data_tools/build_demo_dataset.py.
+Rebuilt with benchmarks/build_demo_dataset.py.
 
 ----- emoji-datasource-google LICENSE -----
 {datasource}
@@ -156,7 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("datasource_tgz", type=Path, help="emoji-datasource-google-16.0.0.tgz")
     parser.add_argument("emojibase_tgz", type=Path, help="emojibase-data-17.0.0.tgz")
     parser.add_argument(
-        "out_dir", type=Path, nargs="?", default=Path(__file__).parent / "demo_data"
+        "out_dir",
+        type=Path,
+        nargs="?",
+        default=DEMO_DATA,
+        help="the folder clipforge ships the demo from (default: data_tools/demo_data)",
     )
     args = parser.parse_args(argv)
     n = build(args.datasource_tgz, args.emojibase_tgz, args.out_dir)

@@ -1,5 +1,11 @@
 """clipforge vs CLIP_benchmark on the same checkpoint and data, side by side.
 
+    python -m benchmarks.compare_clip_benchmark --model RUN --data SHARDS \
+        [--classnames classes.txt] [--peer-python VENV/bin/python] [--json OUT]
+
+The CLIP_benchmark venv's python comes from ``--peer-python`` or ``$CLIPFORGE_PEER_CLIPBENCH``
+(README.md in this folder says how to make it); it is checked before clipforge evaluates.
+
 1. clipforge evaluates the model (retrieval; zero-shot when class names are given), fp32.
 2. The evaluated samples are written in CLIP_benchmark's webdataset layout
    (``ROOT/test/0.tar`` + ``test/nshards.txt`` + ``dataset_type.txt``; for classification also
@@ -7,7 +13,7 @@
    clipforge's canonical order, one shard, so both tools index images and captions identically
    (an image with several captions: its captions as lines of one ``.txt``, CLIP_benchmark's
    layout).
-3. CLIP_benchmark 1.6.2 runs in its own venv (PEERS.md) through :mod:`peer_clip_benchmark`,
+3. CLIP_benchmark 1.6.2 runs in its own venv through ``peer_clip_benchmark.py``,
    at fp32 (``--no_amp``), one data-loader process (so its batches arrive in file order).
 4. Both sets of figures are printed side by side, with clipforge's tie counts and tie bounds:
    the tools agree when every figure is within 0.1 point, or -- where exact score ties make
@@ -17,6 +23,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import json
 import os
@@ -25,36 +33,53 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforge.data_tools.reader import _Skips, iter_tar_samples, parse_shard_spec
-from clipforge.data_tools.shardformat import IMAGE_MEMBER_EXTENSIONS
+from benchmarks.peer_python import CLIP_BENCHMARK, PeerError, peer_env, peer_python
+from clipforge.data_tools.outputs import outputs_removed_on_failure
+from clipforge.data_tools.reader import ShardSpecError, parse_shard_spec
+from clipforge.data_tools.shardformat import (
+    IMAGE_MEMBER_EXTENSIONS,
+    ManifestError,
+    ShardReadError,
+    iter_tar_members,
+    split_member_name,
+)
 from clipforge.eval.data import EmbeddedSet, EvalDataConfig, EvalDataError, embed_eval_set
-from clipforge.eval.report import make_report, table
+from clipforge.eval.metrics import parse_ks
+from clipforge.eval.report import ReportError, make_report, table, write_report
 from clipforge.eval.retrieval import RetrievalConfig, evaluate_retrieval
 from clipforge.eval.zeroshot import (
     ZeroShotConfig,
     build_classifier,
     evaluate_zeroshot,
+    label_indices,
     load_classnames,
     load_templates,
 )
+from clipforge.pretrain.config import ConfigError
 from clipforge.pretrain.distributed import DistInfo
-from clipforge.pretrain.models import load_model
+from clipforge.pretrain.models import LoadedModel, load_model
 
+PROG = "benchmarks.compare_clip_benchmark"
 PEER_SCRIPT = Path(__file__).with_name("peer_clip_benchmark.py")
 AGREE_POINTS = 0.1
 """Figures must agree to this many percentage points."""
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     """What the comparison runs."""
 
+    peer_python: str
+    """Python of the venv holding clip_benchmark 1.6.2 (see :func:`peer_python`)."""
     ks: tuple[int, ...] = (1, 5, 10)
     """Recall@K values."""
     classnames: str | None = None
@@ -63,24 +88,33 @@ class CompareConfig:
     """Sample .json field with the class label."""
     templates: str | None = None
     """Templates file (default: the shipped ImageNet templates)."""
-    peer_python: str = "/work/peers/clipbench/bin/python"
-    """Python of the venv holding clip_benchmark 1.6.2."""
     work_dir: str | None = None
     """Where converted data, weights and CLIP_benchmark's output go (default: a temp folder)."""
     batch_size: int = 256
     """Batch size of both tools."""
 
 
-def _raw_samples(data: str) -> dict[tuple[str, str], tuple[str, bytes]]:
-    """(shard file name, key) -> (image extension, image bytes) of every sample in ``data``."""
-    out = {}
-    skips = _Skips("skip")
+def _raw_images(data: str) -> dict[tuple[str, str], tuple[str, bytes]]:
+    """(shard file name, key) -> (image extension, image bytes) of every sample in ``data``.
+
+    A damaged shard gives the samples read before the damage: clipforge's reader skipped the
+    rest too, so no evaluated sample is missing here."""
+    members: dict[tuple[str, str], dict[str, bytes]] = {}
     for src in parse_shard_spec(data):
         for url in src.urls:
-            for s in iter_tar_samples(url, skips):
-                ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in s.members), None)
-                if ext is not None:
-                    out[(Path(url).name, s.key)] = (ext, s.members[ext])
+            shard = Path(url).name
+            try:
+                for name, blob in iter_tar_members(url):
+                    key, ext = split_member_name(name)
+                    if ext:
+                        members.setdefault((shard, key), {})[ext.lower()] = blob
+            except ShardReadError:
+                continue
+    out = {}
+    for where, found in members.items():
+        ext = next((e for e in IMAGE_MEMBER_EXTENSIONS if e in found), None)
+        if ext is not None:
+            out[where] = (ext, found[ext])
     return out
 
 
@@ -101,8 +135,8 @@ def write_clip_benchmark_wds(
     targets: torch.Tensor | None = None,
 ) -> Path:
     """Write ``emb``'s images (and captions or class indices) as CLIP_benchmark's wds dataset."""
-    raw = _raw_samples(data)
-    first_sample = {}
+    raw = _raw_images(data)
+    first_sample: dict[int, int] = {}
     for s, img in enumerate(emb.sample_image.tolist()):
         first_sample.setdefault(img, s)
     captions: list[list[str]] = [[] for _ in range(emb.image_emb.shape[0])]
@@ -131,7 +165,10 @@ def write_clip_benchmark_wds(
     return root
 
 
-def _run_peer(cfg: CompareConfig, work: Path, task: str, root: Path, extra: list[str]) -> dict:
+def _run_peer(
+    cfg: CompareConfig, work: Path, task: str, root: Path, extra: list[str]
+) -> dict[str, Any]:
+    """``clip_benchmark eval`` of ``task`` on the dataset at ``root``; its metrics."""
     out = work / f"clip_benchmark_{task}.json"
     cmd = [
         cfg.peer_python,
@@ -161,13 +198,14 @@ def _run_peer(cfg: CompareConfig, work: Path, task: str, root: Path, extra: list
         "--quiet",
         *extra,
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = peer_env()
     env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
         raise EvalDataError(f"CLIP_benchmark failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())["metrics"]
+    metrics: dict[str, Any] = json.loads(out.read_text())["metrics"]
+    return metrics
 
 
 def _row(name: str, ours: float, theirs: float, lo: float | None, hi: float | None) -> list[str]:
@@ -179,141 +217,252 @@ def _row(name: str, ours: float, theirs: float, lo: float | None, hi: float | No
     return [name, f"{100 * ours:.2f}", f"{100 * theirs:.2f}", f"{diff:+.3f}", bounds, verdict]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What both tools' tasks share: the loaded model, its embedded data, the scratch folder."""
+
+    cfg: CompareConfig
+    loaded: LoadedModel
+    data: str
+    emb: EmbeddedSet
+    info: DistInfo
+    work: Path
+
+
+def _compare_retrieval(run: _Run) -> tuple[dict[str, Any], dict[str, Any], list[list[str]]]:
+    """Retrieval by both tools; (clipforge's figures, CLIP_benchmark's, the table rows)."""
+    cfg = run.cfg
+    ours = evaluate_retrieval(run.emb, run.info, RetrievalConfig(ks=cfg.ks, device="cpu"))
+    root = write_clip_benchmark_wds(run.emb, run.data, run.work / "wds_retrieval", "retrieval")
+    theirs = _run_peer(cfg, run.work, "zeroshot_retrieval", root, ["--recall_k", *map(str, cfg.ks)])
+    rows = []
+    for d, their_key in (
+        ("text_to_image", "image_retrieval_recall@{k}"),
+        ("image_to_text", "text_retrieval_recall@{k}"),
+    ):
+        for k in cfg.ks:
+            m = ours[d]
+            rows.append(
+                _row(
+                    f"{d} R@{k}",
+                    float(m[f"R@{k}"]),
+                    float(theirs[their_key.format(k=k)]),
+                    float(m[f"R@{k}_optimistic"]),
+                    float(m[f"R@{k}_pessimistic"]),
+                )
+            )
+    return ours, theirs, rows
+
+
+def _compare_zeroshot(
+    run: _Run, classnames: str
+) -> tuple[dict[str, Any], dict[str, Any], list[list[str]]]:
+    """Zero-shot classification by both tools; (clipforge's figures, CLIP_benchmark's, rows)."""
+    cfg, loaded = run.cfg, run.loaded
+    names = load_classnames(classnames)
+    tmpl = load_templates(cfg.templates)
+    classifier = build_classifier(
+        loaded.model, loaded.tokenizer, names, tmpl, run.info.device, ZeroShotConfig()
+    )
+    ours = evaluate_zeroshot(run.emb, classifier, names)
+    targets = label_indices(run.emb.labels, names)
+    root = write_clip_benchmark_wds(
+        run.emb, run.data, run.work / "wds_classification", "classification", names, tmpl, targets
+    )
+    theirs = _run_peer(cfg, run.work, "zeroshot_classification", root, [])
+    rows = [
+        _row(f"zero-shot {key}", float(ours[key]), float(theirs[key]), None, None)
+        for key in ("acc1", "acc5", "mean_per_class_recall")
+    ]
+    return ours, theirs, rows
+
+
+def _print_verdict(
+    rows: list[list[str]], retrieval: dict[str, Any], log: Log
+) -> tuple[dict[str, int], bool]:
+    """The table, the tie counts and the verdict; (tied queries per direction, agree)."""
+    header = ["figure (%)", "clipforge", "CLIP_benchmark", "diff", "clipforge ties", ""]
+    log(table(rows, header))
+    ties = {d: int(retrieval[d]["tied_queries"]) for d in retrieval}
+    log(
+        f"tied queries (a negative scored exactly as the best positive): "
+        f"text->image {ties['text_to_image']} of {retrieval['text_to_image']['queries']}, "
+        f"image->text {ties['image_to_text']} of {retrieval['image_to_text']['queries']}. "
+        f"clipforge breaks ties by data order (lower index first); 'clipforge ties' is the "
+        f"best..worst figure over all tie orders."
+    )
+    agree = all(r[-1] in ("agree", "ties") for r in rows)
+    log(
+        "verdict: "
+        + (
+            f"the tools agree (every figure within {AGREE_POINTS} point"
+            + (", or within the tie bounds)" if any(r[-1] == "ties" for r in rows) else ")")
+            if agree
+            else "the tools DIFFER beyond 0.1 point and beyond the tie bounds"
+        )
+    )
+    return ties, agree
+
+
 def run_comparison(
     model: str,
     data: str,
-    cfg: CompareConfig = CompareConfig(),
+    cfg: CompareConfig,
     model_name: str | None = None,
-    log: Any = print,
+    log: Log = print,
 ) -> dict[str, Any]:
     """Run both tools, print the side-by-side table, return the result object (``metrics``:
     both tools' figures, the rows, and ``agree``)."""
-    if not Path(cfg.peer_python).is_file():
-        raise EvalDataError(
-            f"no CLIP_benchmark python at {cfg.peer_python}: make its venv (shared/PEERS.md: "
-            f"torch, open_clip_torch 3.3.0, clip_benchmark==1.6.2, requests, scikit-learn, "
-            f"numpy<2.4) or pass --peer-python"
-        )
     t0 = time.perf_counter()
     info = DistInfo(0, 1, 0, torch.device("cpu"), None)
     loaded = load_model(model, "cpu", model_name)
-    tmp = None
-    if cfg.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="clipforge-cb-")
-        work = Path(tmp.name)
-    else:
-        work = Path(cfg.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    try:
+    with _work_dir(cfg.work_dir) as work:
         # The exact weights and config clipforge evaluates, in the form open_clip loads.
         torch.save(loaded.model.state_dict(), work / "weights.bin")
-        cfg_dict = _model_config(loaded)
-        (work / "model_config.json").write_text(json.dumps(cfg_dict))
-
+        (work / "model_config.json").write_text(json.dumps(_model_config()))
         dcfg = EvalDataConfig(batch_size=cfg.batch_size, workers=0, label_field=cfg.label_field)
         emb = embed_eval_set(
             loaded.model, loaded.tokenizer, loaded.image_transforms(), data, dcfg, info
         )
-        ours = evaluate_retrieval(emb, info, RetrievalConfig(ks=cfg.ks, device="cpu"))
         log(f"clipforge: {emb.image_emb.shape[0]} images, {len(emb.captions)} captions")
-        root = write_clip_benchmark_wds(emb, data, work / "wds_retrieval", "retrieval")
-        theirs = _run_peer(cfg, work, "zeroshot_retrieval", root, ["--recall_k", *map(str, cfg.ks)])
-        rows = []
-        for d, their_key in (
-            ("text_to_image", "image_retrieval_recall@{k}"),
-            ("image_to_text", "text_retrieval_recall@{k}"),
-        ):
-            for k in cfg.ks:
-                m = ours[d]
-                rows.append(
-                    _row(
-                        f"{d} R@{k}",
-                        float(m[f"R@{k}"]),
-                        float(theirs[their_key.format(k=k)]),
-                        float(m[f"R@{k}_optimistic"]),
-                        float(m[f"R@{k}_pessimistic"]),
-                    )
-                )
+        run = _Run(cfg, loaded, data, emb, info, work)
+        ours, theirs, rows = _compare_retrieval(run)
         zs_ours = zs_theirs = None
         if cfg.classnames is not None:
-            names = load_classnames(cfg.classnames)
-            tmpl = load_templates(cfg.templates)
-            classifier = build_classifier(
-                loaded.model, loaded.tokenizer, names, tmpl, info.device, ZeroShotConfig()
-            )
-            zs_ours = evaluate_zeroshot(emb, classifier, names)
-            from clipforge.eval.zeroshot import label_indices
-
-            targets = label_indices(emb.labels, names)
-            root_c = write_clip_benchmark_wds(
-                emb, data, work / "wds_classification", "classification", names, tmpl, targets
-            )
-            zs_theirs = _run_peer(cfg, work, "zeroshot_classification", root_c, [])
-            for ours_key, their_key in (
-                ("acc1", "acc1"),
-                ("acc5", "acc5"),
-                ("mean_per_class_recall", "mean_per_class_recall"),
-            ):
-                rows.append(
-                    _row(
-                        f"zero-shot {ours_key}",
-                        float(zs_ours[ours_key]),
-                        float(zs_theirs[their_key]),
-                        None,
-                        None,
-                    )
-                )
-        header = ["figure (%)", "clipforge", "CLIP_benchmark", "diff", "clipforge ties", ""]
-        log(table(rows, header))
-        ties = {d: int(ours[d]["tied_queries"]) for d in ours}
-        log(
-            f"tied queries (a negative scored exactly as the best positive): "
-            f"text->image {ties['text_to_image']} of {ours['text_to_image']['queries']}, "
-            f"image->text {ties['image_to_text']} of {ours['image_to_text']['queries']}. "
-            f"clipforge breaks ties by data order (lower index first); 'clipforge ties' is the "
-            f"best..worst figure over all tie orders."
-        )
-        agree = all(r[-1] in ("agree", "ties") for r in rows)
-        log(
-            "verdict: "
-            + (
-                f"the tools agree (every figure within {AGREE_POINTS} point"
-                + (", or within the tie bounds)" if any(r[-1] == "ties" for r in rows) else ")")
-                if agree
-                else "the tools DIFFER beyond 0.1 point and beyond the tie bounds"
-            )
-        )
-        return make_report(
-            "compare-clip-benchmark",
-            {
-                "clipforge": {"retrieval": ours, "zeroshot": zs_ours},
-                "clip_benchmark": {"retrieval": theirs, "zeroshot": zs_theirs},
-                "rows": rows,
-                "tied_queries": ties,
-                "agree": agree,
-            },
-            {"source": loaded.source, "hash": loaded.model_hash, "name": model_name},
-            {"spec": data, "samples": emb.samples},
-            {
-                "ks": list(cfg.ks),
-                "classnames": cfg.classnames,
-                "label_field": cfg.label_field,
-                "peer_python": cfg.peer_python,
-                "batch_size": cfg.batch_size,
-            },
-            [sys.argv[0], *sys.argv[1:]],
-            time.perf_counter() - t0,
-        )
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            zs_ours, zs_theirs, zs_rows = _compare_zeroshot(run, cfg.classnames)
+            rows += zs_rows
+        ties, agree = _print_verdict(rows, ours, log)
+    return make_report(
+        "compare-clip-benchmark",
+        {
+            "clipforge": {"retrieval": ours, "zeroshot": zs_ours},
+            "clip_benchmark": {"retrieval": theirs, "zeroshot": zs_theirs},
+            "rows": rows,
+            "tied_queries": ties,
+            "agree": agree,
+        },
+        {"source": loaded.source, "hash": loaded.model_hash, "name": model_name},
+        {"spec": data, "samples": emb.samples},
+        {
+            "ks": list(cfg.ks),
+            "classnames": cfg.classnames,
+            "label_field": cfg.label_field,
+            "peer_python": cfg.peer_python,
+            "batch_size": cfg.batch_size,
+        },
+        [sys.argv[0], *sys.argv[1:]],
+        time.perf_counter() - t0,
+    )
 
 
-def _model_config(loaded: Any) -> dict[str, Any]:
-    """The open_clip model config of a loaded model (what load_model registered)."""
+@contextlib.contextmanager
+def _work_dir(work_dir: str | None) -> Iterator[Path]:
+    """``work_dir`` (created), or a temporary folder removed on exit when it is None."""
+    if work_dir:
+        path = Path(work_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clipforge-cb-") as tmp:
+        yield Path(tmp)
+
+
+def _model_config() -> dict[str, Any]:
+    """The open_clip model config of the loaded model (what load_model registered)."""
     import open_clip
 
     cfg = open_clip.get_model_config("clipforge-loaded")
     if cfg is None:
         raise EvalDataError("the loaded model's open_clip config is not registered")
     return dict(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {PROG}",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run dir, model/ folder, step checkpoint, or "
+        "a plain open_clip weights file (with --model-name)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        help="open_clip model name or model-config JSON, for a plain weights file",
+    )
+    parser.add_argument(
+        "--data", required=True, help="SHARDS (folder of .tar, brace pattern, glob, '::'-joined)"
+    )
+    parser.add_argument("--k", default="1,5,10", help="K values of Recall@K")
+    parser.add_argument(
+        "--classnames",
+        default=None,
+        help="also compare zero-shot classification with these class names",
+    )
+    parser.add_argument(
+        "--label-field", default="category", help="sample .json field holding the label"
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates file, one per line with {c}; default: ImageNet's 80",
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help=f"python of the venv with clip_benchmark==1.6.2 (default ${CLIP_BENCHMARK.env_var})",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the converted data goes (default: a temporary folder)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison: 0 when the tools agree, 1 when they differ, 2 with a one-line error
+    for bad input or a missing peer."""
+    args = build_parser().parse_args(argv)
+    expected = (
+        PeerError,
+        EvalDataError,
+        ReportError,
+        ShardSpecError,
+        ManifestError,
+        ConfigError,
+        OSError,  # a path that cannot be written or read: the message names it
+        ValueError,
+        ImportError,
+    )
+    try:
+        # A failed comparison leaves no output (nor output folder) it created.
+        with outputs_removed_on_failure([args.json]) as created:
+            cfg = CompareConfig(
+                peer_python=peer_python(CLIP_BENCHMARK, args.peer_python),
+                ks=parse_ks(args.k),
+                classnames=args.classnames,
+                label_field=args.label_field,
+                templates=args.templates,
+                work_dir=args.work_dir,
+                batch_size=args.batch_size,
+            )
+            if args.work_dir:
+                created.mkdir(args.work_dir, scratch=True)
+            result = run_comparison(args.model, args.data, cfg, model_name=args.model_name)
+            if args.json:
+                write_report(args.json, result)
+    except expected as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if result["metrics"].get("agree", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

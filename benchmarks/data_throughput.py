@@ -1,4 +1,10 @@
-"""``clipforge-data bench``: shard-writing and reader throughput, side by side with open_clip.
+"""Shard-writing and reader throughput, side by side with open_clip_train's input pipeline.
+
+    python -m benchmarks.data_throughput --work-dir bench-work [--peer-python VENV/bin/python]
+    python -m benchmarks.data_throughput --work-dir bench-work --no-peer   # clipforge alone
+
+The open_clip_train venv's python comes from ``--peer-python`` or ``$CLIPFORGE_PEER_OPENCLIP``
+(README.md in this folder says how to make it); it is checked before anything is measured.
 
 1. Source: the demo emoji upscaled to ``--source-size`` JPEGs (bicubic), cycled to ``--images``
    files with same-stem captions -- realistic decode cost, real captions. Not timed.
@@ -7,25 +13,28 @@
 3. Read: one exact pass of clipforge's reader (decode, open_clip's training transform to
    ``--read-size`` tensors, normalise, tokenize) per worker count, and the same shards through
    open_clip_train's own webdataset pipeline (``peer_open_clip_reader.py`` run by the peer
-   venv's Python, see shared/PEERS.md) with the same transform, batch size and workers.
+   venv's python) with the same transform, batch size and workers.
    The first ``--warmup-batches`` batches are not timed, for both tools.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from PIL import Image
 
+from benchmarks.peer_python import OPEN_CLIP_TRAIN, PeerError, peer_env, peer_python
+from clipforge.data_tools.atomic import write_json_atomic
 from clipforge.data_tools.demo import write_demo_shards
 from clipforge.data_tools.images import decode_image, to_rgb
 from clipforge.data_tools.reader import ReaderConfig, make_loader
@@ -34,12 +43,11 @@ from clipforge.data_tools.transforms import clip_image_transforms
 from clipforge.data_tools.writer import WriteConfig, write_shards
 
 PEER_SCRIPT = Path(__file__).with_name("peer_open_clip_reader.py")
-DEFAULT_PEER_PYTHON = "/work/peers/openclip/bin/python"
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Settings of ``clipforge-data bench``."""
+    """Settings of the data benchmark (its command-line flags map onto these)."""
 
     work_dir: Path
     """Scratch folder for the generated source images and shards (reused when present)."""
@@ -61,8 +69,8 @@ class BenchConfig:
     """Reader batch size."""
     warmup_batches: int = 3
     """Batches read before the clock starts."""
-    peer_python: str | None = DEFAULT_PEER_PYTHON
-    """Python of the open_clip_train venv (None or missing: the peer is skipped, with a note)."""
+    peer_python: str | None = None
+    """Python of the open_clip_train venv, already checked (None: clipforge alone)."""
 
 
 def make_source(cfg: BenchConfig) -> Path:
@@ -93,6 +101,7 @@ def make_source(cfg: BenchConfig) -> Path:
 
 
 def bench_write(cfg: BenchConfig, src: Path) -> tuple[Path, dict[str, Any]]:
+    """Write ``src`` as shards with ``cfg.write_workers`` processes; (the shards, figures)."""
     out = cfg.work_dir / "shards"
     shutil.rmtree(out, ignore_errors=True)
     config = WriteConfig(
@@ -116,6 +125,7 @@ def bench_write(cfg: BenchConfig, src: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def bench_read_clipforge(cfg: BenchConfig, shards: Path, workers: int) -> dict[str, Any]:
+    """One exact pass of clipforge's reader over ``shards`` with ``workers`` processes."""
     import open_clip
 
     per_sample, per_batch = clip_image_transforms(cfg.read_size, train=True)
@@ -151,18 +161,15 @@ def bench_read_clipforge(cfg: BenchConfig, shards: Path, workers: int) -> dict[s
 
 def bench_read_peer(cfg: BenchConfig, shards: Path, workers: int) -> dict[str, Any] | str:
     """open_clip_train's pipeline on the same shards, or why it could not run."""
-    if not cfg.peer_python or not Path(cfg.peer_python).exists():
-        return (
-            f"peer skipped: no open_clip_train venv at {cfg.peer_python} "
-            "(create it as shared/PEERS.md says and pass --peer-python)"
-        )
+    if not cfg.peer_python:
+        return "peer not run (--no-peer)"
     manifest = read_manifest(shards)
     assert manifest is not None
     names = [s.name for s in manifest.shards]
     pattern = str(shards / f"bench-{{{names[0][6:12]}..{names[-1][6:12]}}}.tar")
     cmd = [
         cfg.peer_python,
-        "-P",  # keep data_tools/ off sys.path: its inspect.py would shadow the stdlib's
+        "-P",  # keep this folder off the peer's sys.path: nothing of the checkout may shadow
         str(PEER_SCRIPT),
         "--shards",
         pattern,
@@ -178,8 +185,7 @@ def bench_read_peer(cfg: BenchConfig, shards: Path, workers: int) -> dict[str, A
         str(cfg.warmup_batches),
         "--train-transform",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(), check=False)
     if proc.returncode != 0:
         return f"peer failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,8 +197,10 @@ def _peak_rss_mb() -> float:
     return (self_kb + children_kb) / 1024
 
 
-def run_benchmark(cfg: BenchConfig, out: Any = sys.stdout) -> dict[str, Any]:
-    """Run everything, print a table as it goes, and return all figures."""
+def run_benchmark(cfg: BenchConfig, out: TextIO | None = None) -> dict[str, Any]:
+    """Run everything, print a table as it goes (to ``out``, default stdout), and return all
+    figures."""
+    out = out or sys.stdout  # looked up now, not at import: the caller may have replaced it
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     src = make_source(cfg)
     shards, write = bench_write(cfg, src)
@@ -229,3 +237,70 @@ def run_benchmark(cfg: BenchConfig, out: Any = sys.stdout) -> dict[str, Any]:
             print(f"        {peer}", file=out)
         rows.append({"workers": workers, "clipforge": ours, "open_clip_train": peer})
     return {"write": write, "read": rows, "config": {k: str(v) for k, v in vars(cfg).items()}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.data_throughput",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--work-dir", default="bench-work", help="scratch folder (reused)")
+    parser.add_argument("--images", type=int, default=10000, help="synthetic images to write")
+    parser.add_argument(
+        "--source-size", type=int, default=256, help="side of the synthetic source images"
+    )
+    parser.add_argument("--image-size", type=int, default=256, help="side stored in the shards")
+    parser.add_argument("--read-size", type=int, default=224, help="side of the reader's tensors")
+    parser.add_argument("--write-workers", type=int, default=2, help="writer processes")
+    parser.add_argument("--read-workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--batch-size", type=int, default=64, help="reader batch size")
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help=f"python of the open_clip_train venv (default ${OPEN_CLIP_TRAIN.env_var})",
+    )
+    parser.add_argument(
+        "--no-peer", action="store_true", help="measure clipforge alone (no peer venv needed)"
+    )
+    parser.add_argument("--json", help="also write all figures to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 2 with a one-line error for bad flags or a missing peer."""
+    args = build_parser().parse_args(argv)
+    prog = "benchmarks.data_throughput"
+    try:
+        read_workers = tuple(int(w) for w in args.read_workers.split(","))
+    except ValueError:
+        print(f"{prog}: error: --read-workers {args.read_workers!r}: not integers", file=sys.stderr)
+        return 2
+    try:
+        python = (
+            None
+            if args.no_peer
+            else peer_python(OPEN_CLIP_TRAIN, args.peer_python, alone="--no-peer")
+        )
+    except PeerError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(
+        work_dir=Path(args.work_dir),
+        images=args.images,
+        source_size=args.source_size,
+        image_size=args.image_size,
+        read_size=args.read_size,
+        write_workers=args.write_workers,
+        read_workers=read_workers,
+        batch_size=args.batch_size,
+        peer_python=python,
+    )
+    figures = run_benchmark(cfg)
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

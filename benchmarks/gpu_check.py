@@ -527,7 +527,7 @@ def make_shards(work: Path, samples: int, distinct: int, workers: int, name: str
     """``samples`` 256-px JPEG samples in shards, written by clipforge's writer from a CSV that
     cycles ``distinct`` upscaled demo emoji (so decoding costs what real photos of that size
     cost, without generating 100k files first)."""
-    from clipforge.data_tools.benchmark import BenchConfig, make_source
+    from benchmarks.data_throughput import BenchConfig, make_source
     from clipforge.data_tools.writer import WriteConfig, write_shards
 
     out = work / name

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     args = parser.parse_args(argv[:split])
 
-    # This script's folder (clipforge's eval/) is sys.path[0]: drop it so that nothing of
-    # clipforge shadows the peer's own packages.
+    # This script's folder (the repository's benchmarks/) is sys.path[0]: drop it so that
+    # nothing of clipforge's checkout shadows the peer's own packages.
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != here]
     import open_clip

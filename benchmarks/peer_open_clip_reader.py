@@ -7,9 +7,10 @@ and prints one line of JSON with the measured samples/s, so that clipforge's rea
 compared with it on the same shards and machine.
 
 This script does NOT import clipforge. It runs only in the peer virtual environment
-(torch 2.14.1, open_clip_torch 3.3.0, webdataset==0.2.86, pandas), e.g.::
+(torch 2.14.1, open_clip_torch 3.3.0, webdataset==0.2.86, pandas; benchmarks/README.md), and
+``python -m benchmarks.data_throughput`` runs it, e.g.::
 
-    /work/peers/openclip/bin/python data_tools/peer_open_clip_reader.py \\
+    "$CLIPFORGE_PEER_OPENCLIP" -P benchmarks/peer_open_clip_reader.py \\
         --shards '/data/shard-{000000..000003}.tar' --num-samples 2000 --workers 2
 """
 

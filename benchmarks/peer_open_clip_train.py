@@ -1,5 +1,5 @@
 """Training throughput of ``python -m open_clip_train.main`` (a PEER tool), for
-``clipforge-pretrain --benchmark``.
+``python -m benchmarks.train_throughput``.
 
 Registers the given model-config JSON with open_clip, runs open_clip_train's own ``main`` for
 ``--steps`` steps on resampled webdataset shards with one log line per step, reads those lines
@@ -9,7 +9,7 @@ meters are reset at each log line), the mean data-wait fraction (``Data (t)`` / 
 the last loss and peak memory.
 
 This script does NOT import clipforge. It runs only in the peer virtual environment
-(torch 2.14.1, open_clip_torch 3.3.0, webdataset==0.2.86, pandas; see shared/PEERS.md).
+(torch 2.14.1, open_clip_torch 3.3.0, webdataset==0.2.86, pandas; see benchmarks/README.md).
 """
 
 import argparse

@@ -1,32 +1,43 @@
-"""``clipforge-pretrain --benchmark``: training throughput side by side with open_clip_train.
+"""Training throughput, side by side with open_clip_train.
 
-Trains the configured model for ``train.steps`` steps on the configured data with one metrics
-line per step, and reports the median samples/s over the steps after a warm-up, the data-wait
-fraction and peak memory. With the peer venv present (see shared/PEERS.md), runs
-``python -m open_clip_train.main`` through ``peer_open_clip_train.py`` with the same model
-config, batch size, precision, data, data workers and threads, and prints the ratio.
+    python -m benchmarks.train_throughput --config bench-tiny --set data.train=demo-data \
+        [--peer-python VENV/bin/python | --no-peer] [--warmup 5] [--json OUT]
+
+Trains the configured model (``--config``/``--set`` as ``clipforge-pretrain`` takes them) for
+``train.steps`` steps on the configured data with one metrics line per step, and reports the
+median samples/s over the steps after a warm-up, the data-wait fraction and peak memory. Then
+runs ``python -m open_clip_train.main`` in the peer venv through ``peer_open_clip_train.py``
+with the same model config, batch size, precision, data, data workers and threads, and prints
+the ratio. The peer's python comes from ``--peer-python`` or ``$CLIPFORGE_PEER_OPENCLIP``
+(README.md in this folder says how to make it) and is checked before anything is trained.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
+import logging
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforge.data_tools.reader import parse_shard_spec
-from clipforge.pretrain.config import Config, ConfigError
+from benchmarks.peer_python import OPEN_CLIP_TRAIN, PeerError, peer_env, peer_python
+from clipforge.data_tools.atomic import write_json_atomic
+from clipforge.data_tools.reader import ShardSpecError, parse_shard_spec
+from clipforge.pretrain.config import Config, ConfigError, load_config
 from clipforge.pretrain.models import resolve_model_config
+from clipforge.pretrain.train import TrainingAborted, train
 
+PROG = "benchmarks.train_throughput"
 PEER_SCRIPT = Path(__file__).with_name("peer_open_clip_train.py")
-DEFAULT_PEER_PYTHON = "/work/peers/openclip/bin/python"
 
 
 def _peak_rss_mb() -> float:
@@ -37,8 +48,8 @@ def _peak_rss_mb() -> float:
 
 
 def bench_clipforge(config: Config, warmup: int) -> dict[str, Any]:
-    from clipforge.pretrain.train import train
-
+    """Train ``config`` in a scratch run directory, one metrics line per step, no checkpoints
+    but the last; the figures of the steps after ``warmup``."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = replace(
             config,
@@ -64,12 +75,9 @@ def bench_clipforge(config: Config, warmup: int) -> dict[str, Any]:
     }
 
 
-def bench_peer(config: Config, warmup: int, peer_python: str) -> dict[str, Any] | str:
-    if not Path(peer_python).exists():
-        return (
-            f"peer skipped: no open_clip_train venv at {peer_python} "
-            "(create it as shared/PEERS.md says; --peer-python PATH)"
-        )
+def bench_peer(config: Config, warmup: int, python: str) -> dict[str, Any] | str:
+    """open_clip_train on the same settings through ``python`` (checked by :func:`check_peer`);
+    its figures, or why it failed."""
     _, model_cfg = resolve_model_config(config.model.name)
     sources = parse_shard_spec(config.data.train)
     if len(sources) != 1:
@@ -80,8 +88,8 @@ def bench_peer(config: Config, warmup: int, peer_python: str) -> dict[str, Any] 
         cfg_path = Path(tmp) / f"{Path(config.model.name).stem}.json"
         cfg_path.write_text(json.dumps(model_cfg))
         cmd = [
-            peer_python,
-            "-P",
+            python,
+            "-P",  # keep this folder off the peer's sys.path
             str(PEER_SCRIPT),
             "--model-config",
             str(cfg_path),
@@ -108,54 +116,27 @@ def bench_peer(config: Config, warmup: int, peer_python: str) -> dict[str, Any] 
             "--warmup-steps-excluded",
             str(warmup),
         ]
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(), check=False)
     if proc.returncode != 0:
         return f"peer failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def check_peer(config: Config, peer_python: str) -> None:
-    """Fail before anything runs when open_clip_train's half could not: a missing or broken
-    interpreter, or data it cannot read (ConfigError naming what to do)."""
-    how = (
-        "create its venv as the benchmark docs say and pass --peer-python PATH (or set "
-        "CLIPFORGE_PEER_OPENCLIP), or measure clipforge alone with --no-peer"
-    )
-    if not Path(peer_python).is_file():
-        raise ConfigError(f"--benchmark: no open_clip_train interpreter at {peer_python}: {how}")
+def check_peer(config: Config, flag_value: str | None) -> str:
+    """The open_clip_train python, checked before anything runs: a missing or broken
+    interpreter, or data it cannot read, raise :class:`PeerError` naming what to do."""
+    python = peer_python(OPEN_CLIP_TRAIN, flag_value, alone="--no-peer")
     if len(parse_shard_spec(config.data.train)) != 1:
-        raise ConfigError(
-            "--benchmark: the open_clip_train comparison needs a single data.train source "
+        raise PeerError(
+            "the open_clip_train comparison needs a single data.train source "
             "(no '::' mixing), or --no-peer"
         )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    try:
-        proc = subprocess.run(
-            [peer_python, "-P", "-c", "import open_clip_train.main"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ConfigError(f"--benchmark: {peer_python} does not run ({e}): {how}") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(
-            f"--benchmark: {peer_python} cannot import open_clip_train.main ({last}): {how}"
-        )
+    return python
 
 
-def run_benchmark(
-    config: Config, warmup: int = 5, peer_python: str | None = None, peer: bool = True
-) -> dict:
-    """Both tools on the same settings, one after the other; prints a table. The peer's
-    interpreter is checked first (:func:`check_peer`), so a missing one fails in seconds."""
-    peer_python = peer_python or os.environ.get("CLIPFORGE_PEER_OPENCLIP", DEFAULT_PEER_PYTHON)
-    if peer:
-        check_peer(config, peer_python)
+def run_benchmark(config: Config, warmup: int = 5, python: str | None = None) -> dict[str, Any]:
+    """Both tools on the same settings, one after the other; prints a table. ``python``: the
+    peer's interpreter, checked by :func:`check_peer` (None: clipforge alone)."""
     print(
         f"benchmark: model {config.model.name}, batch {config.data.batch_size}, "
         f"{config.train.precision}, {config.data.workers} data worker(s), "
@@ -166,7 +147,7 @@ def run_benchmark(
     # clipforge first: the peer runs as a child process, and a child's peak RSS would otherwise
     # count in this process's RUSAGE_CHILDREN figure.
     ours = bench_clipforge(config, warmup)
-    theirs = bench_peer(config, warmup, peer_python) if peer else "peer not run (--no-peer)"
+    theirs = bench_peer(config, warmup, python) if python else "peer not run (--no-peer)"
     peer_rate = theirs.get("median_samples_per_s") if isinstance(theirs, dict) else None
     print(f"{'tool':<16} {'samples/s':>10} {'data-wait':>10} {'peak RSS MB':>12}")
     print(
@@ -182,3 +163,64 @@ def run_benchmark(
     else:
         print(theirs)
     return {"clipforge": ours, "open_clip_train": theirs}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {PROG}",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", default="bench-tiny", help="preset name or YAML file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), as clipforge-pretrain takes them",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="steps excluded from the median (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--peer-python",
+        help=f"python of the open_clip_train venv (default ${OPEN_CLIP_TRAIN.env_var})",
+    )
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="measure clipforge alone (no open_clip_train venv needed)",
+    )
+    parser.add_argument("--json", help="also write the figures here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 2 with a one-line error for a bad config or a missing peer, 3 when
+    clipforge's training aborts."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipforge").setLevel(logging.INFO)
+    try:
+        config = load_config(args.config, args.overrides)
+        python = None if args.no_peer else check_peer(config, args.peer_python)
+        figures = run_benchmark(config, args.warmup, python)
+    except (ConfigError, ShardSpecError, PeerError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"{PROG}: training aborted: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

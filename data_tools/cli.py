@@ -41,8 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipforge-data", description=__doc__, formatter_class=DefaultsHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=subparser_class())
+    _add_write_parser(
+        sub.add_parser("write", help="write a folder or table of images + captions as shards")
+    )
 
-    w = sub.add_parser("write", help="write a folder or table of images + captions as shards")
+    m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
+    m.add_argument("out_dir", help="the folder every --part run wrote into")
+
+    s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
+    s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--workers", type=int, default=2, help="processes reading shards")
+
+    v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
+    v.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
+    v.add_argument("--workers", type=int, default=2, help="processes reading shards")
+
+    d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
+    d.add_argument("out_dir", help="folder the demo shards go to (created)")
+    return parser
+
+
+def _add_write_parser(w: argparse.ArgumentParser) -> None:
+    """``clipforge-data write``'s arguments (WriteConfig's fields, one flag each)."""
     w.add_argument(
         "src",
         help="folder of images with same-stem .txt captions, or a .csv/.tsv/.jsonl/.parquet table",
@@ -107,41 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--no-resume", action="store_true", help="rewrite shards already complete")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    m = sub.add_parser("merge-manifests", help="join the per-part manifests of --part runs")
-    m.add_argument("out_dir", help="the folder every --part run wrote into")
-
-    s = sub.add_parser("stats", help="counts, caption lengths, image sizes, per-shard table")
-    s.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--workers", type=int, default=2, help="processes reading shards")
-
-    v = sub.add_parser("verify", help="read every member; non-zero exit on any damage")
-    v.add_argument("shards", help="folder, brace pattern, glob; several joined with ::")
-    v.add_argument("--workers", type=int, default=2, help="processes reading shards")
-
-    d = sub.add_parser("demo", help="write the embedded emoji demo dataset as shards")
-    d.add_argument("out_dir", help="folder the demo shards go to (created)")
-
-    b = sub.add_parser("bench", help="write and read throughput, side by side with open_clip")
-    b.add_argument("--work-dir", default="bench-work", help="scratch folder (reused)")
-    b.add_argument("--images", type=int, default=10000, help="synthetic images to write")
-    b.add_argument(
-        "--source-size", type=int, default=256, help="side of the synthetic source images"
-    )
-    b.add_argument("--image-size", type=int, default=256, help="side stored in the shards")
-    b.add_argument("--read-size", type=int, default=224, help="side of the reader's tensors")
-    b.add_argument("--write-workers", type=int, default=2, help="writer processes")
-    b.add_argument("--read-workers", default="1,2", help="comma-separated worker counts")
-    b.add_argument("--batch-size", type=int, default=64, help="reader batch size")
-    b.add_argument(
-        "--peer-python",
-        default=None,
-        help="python of the open_clip_train venv (default: $CLIPFORGE_PEER_OPENCLIP "
-        "or /work/peers/openclip/bin/python)",
-    )
-    b.add_argument("--json", help="also write all figures to this JSON file")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,37 +241,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from clipforge.data_tools.benchmark import DEFAULT_PEER_PYTHON, BenchConfig, run_benchmark
-
-    peer = args.peer_python or os.environ.get("CLIPFORGE_PEER_OPENCLIP", DEFAULT_PEER_PYTHON)
-    cfg = BenchConfig(
-        work_dir=Path(args.work_dir),
-        images=args.images,
-        source_size=args.source_size,
-        image_size=args.image_size,
-        read_size=args.read_size,
-        write_workers=args.write_workers,
-        read_workers=tuple(int(w) for w in args.read_workers.split(",")),
-        batch_size=args.batch_size,
-        peer_python=peer,
-    )
-    figures = run_benchmark(cfg)
-    if args.json:
-        from clipforge.data_tools.atomic import write_json_atomic
-
-        write_json_atomic(args.json, figures)
-    return 0
-
-
 _COMMANDS = {
     "write": _write,
     "merge-manifests": _merge,
     "stats": _stats,
     "verify": _verify,
     "demo": _demo,
-    "bench": _bench,
 }

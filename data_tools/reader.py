@@ -249,7 +249,6 @@ class SkipCounter:
         return out
 
 
-_Skips = SkipCounter  # the name it had before it was public (kept for existing importers)
 
 
 def iter_tar_samples(

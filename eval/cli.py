@@ -152,40 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every K logged)",
     )
 
-    cb = sub.add_parser(
-        "compare-clip-benchmark",
-        help="same checkpoint and data through CLIP_benchmark, side by side",
-    )
-    _add_model(cb)
-    cb.add_argument(
-        "--data", required=True, help="SHARDS (folder of .tar, brace pattern, glob, '::'-joined)"
-    )
-    cb.add_argument("--k", default="1,5,10", help="K values of Recall@K")
-    cb.add_argument(
-        "--classnames",
-        default=None,
-        help="also compare zero-shot classification with these class names",
-    )
-    cb.add_argument(
-        "--label-field", default="category", help="sample .json field holding the label"
-    )
-    cb.add_argument(
-        "--templates",
-        default=None,
-        help="prompt templates file, one per line with {c}; default: ImageNet's 80",
-    )
-    cb.add_argument(
-        "--peer-python",
-        default="/work/peers/clipbench/bin/python",
-        help="python of the venv with clip_benchmark==1.6.2",
-    )
-    cb.add_argument(
-        "--work-dir",
-        default=None,
-        help="where the converted data goes (default: a temporary folder)",
-    )
-    cb.add_argument("--batch-size", type=int, default=256, help="samples per embedding batch")
-    cb.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
     return parser
 
 
@@ -224,9 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # A failed command leaves no output (nor output folder) it created.
         outputs = [getattr(args, name, None) for name in ("json", "plot", "out")]
-        with outputs_removed_on_failure(outputs) as created:
-            if getattr(args, "work_dir", None) and args.command == "compare-clip-benchmark":
-                created.mkdir(args.work_dir, scratch=True)
+        with outputs_removed_on_failure(outputs):
             return _run(args, command)
     except expected as e:
         return _error(str(e))
@@ -257,22 +221,6 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
         if args.json:
             rep.write_report(args.json, result)
         return 0
-    if args.command == "compare-clip-benchmark":
-        from clipforge.eval.compare_clip_benchmark import CompareConfig, run_comparison
-
-        cfg = CompareConfig(
-            ks=_ks(args.k),
-            classnames=args.classnames,
-            label_field=args.label_field,
-            templates=args.templates,
-            peer_python=args.peer_python,
-            work_dir=args.work_dir,
-            batch_size=args.batch_size,
-        )
-        result = run_comparison(args.model, args.data, cfg, model_name=args.model_name)
-        if args.json:
-            rep.write_report(args.json, result)
-        return 0 if result["metrics"].get("agree", True) else 1
     return _evaluate(args, command)
 
 

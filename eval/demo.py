@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clipforge.pretrain.models import LoadedModel
 
 PROG = "clipforge-demo"
 
@@ -161,77 +164,117 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
-    """Run (or resume) every stage of the demo; prints progress through ``log``."""
-    from clipforge.data_tools.demo import write_demo_shards
-    from clipforge.eval.data import EvalDataConfig
-    from clipforge.eval.report import format_retrieval, write_report
-    from clipforge.eval.retrieval import RetrievalConfig
-    from clipforge.eval.tasks import run_retrieval, setup
-    from clipforge.index.build import run_build
-    from clipforge.index.embed import EmbedConfig, embed
-    from clipforge.index.searcher import Searcher
-    from clipforge.pretrain.config import load_config
-    from clipforge.pretrain.distributed import shutdown
-    from clipforge.pretrain.models import load_model
-    from clipforge.pretrain.train import train
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where each stage's output lives inside the demo's run directory."""
 
-    out = Path(config.out).resolve()
-    data, run, emb, index = out / "data", out / "run", out / "embeddings", out / "index"
-    report_path = out / "retrieval.json"
-    reused: dict[str, bool] = {}
-    t_all = time.perf_counter()
-    log(f"clipforge demo: run directory {out}")
+    out: Path
+    """The run directory (absolute)."""
+    data: Path
+    """The demo shards."""
+    run: Path
+    """The training run."""
+    embeddings: Path
+    """EMB_DIR."""
+    index: Path
+    """INDEX_DIR."""
+    report: Path
+    """The retrieval report (retrieval.json)."""
 
-    def stage(n: int, title: str) -> float:
-        log(f"\n[{n}/6] {title}")
+    @classmethod
+    def under(cls, out: str | Path) -> DemoPaths:
+        root = Path(out).resolve()
+        return cls(
+            root,
+            root / "data",
+            root / "run",
+            root / "embeddings",
+            root / "index",
+            root / "retrieval.json",
+        )
+
+
+class _StageLog:
+    """The demo's printed progress: a numbered header per stage, an indented line when done."""
+
+    def __init__(self, log: Callable[[str], None], stages: int = 6) -> None:
+        self.log = log
+        self.stages = stages
+
+    def start(self, n: int, title: str) -> float:
+        self.log(f"\n[{n}/{self.stages}] {title}")
         return time.perf_counter()
 
-    def done(t0: float, what: str) -> None:
-        log(f"      {what} ({time.perf_counter() - t0:.1f} s)")
+    def detail(self, line: str) -> None:
+        self.log(f"      {line}")
 
-    # 1. data -------------------------------------------------------------------------------
-    t0 = stage(1, "demo data: the embedded emoji dataset as webdataset shards")
-    manifest = write_demo_shards(data)
+    def done(self, t0: float, what: str) -> None:
+        self.detail(f"{what} ({time.perf_counter() - t0:.1f} s)")
+
+
+def _write_shards(paths: DemoPaths, stages: _StageLog) -> None:
+    """Stage 1: the embedded emoji set as shards (kept when their checksums match)."""
+    from clipforge.data_tools.demo import write_demo_shards
+
+    t0 = stages.start(1, "demo data: the embedded emoji dataset as webdataset shards")
+    manifest = write_demo_shards(paths.data)
     samples = sum(s.samples for s in manifest.shards)
-    done(t0, f"{samples} samples in {len(manifest.shards)} shards -> {data}")
+    stages.done(t0, f"{samples} samples in {len(manifest.shards)} shards -> {paths.data}")
 
-    # 2. training ---------------------------------------------------------------------------
-    t0 = stage(2, f"training the tiny CLIP model: {config.steps} steps of {config.batch_size}")
-    reused["train"] = _training_done(run, config.steps)
-    if not reused["train"]:
-        _check_extension(run, config)
-    if reused["train"]:
-        done(t0, f"already trained: reusing {run / 'model'}")
-    else:
-        overrides = [
-            f"data.train={data}",
-            f"data.batch_size={config.batch_size}",
-            f"optim.lr={config.lr}",
-            f"train.steps={config.steps}",
-            f"train.run_dir={run}",
-            f"train.log_every={max(1, min(20, config.steps // 10))}",
-            f"train.checkpoint_every={config.checkpoint_every}",
-            f"data.caption_subsets={config.caption_subsets}",
-            "train.device=cpu",
-            # a bar on a terminal, a line per log_every steps otherwise
-            "train.progress=auto",
-        ]
-        if config.extend_schedule:
-            overrides.append(f"train.extend_schedule={config.extend_schedule}")
-        result = train(load_config("tiny", overrides))
-        done(t0, f"trained to step {result.steps}, loss {result.last_loss:.3f} -> {run / 'model'}")
-    loaded = load_model(run)
 
-    # 3. embedding --------------------------------------------------------------------------
-    t0 = stage(3, "embedding every image and caption with the trained model")
+def _train_overrides(config: DemoConfig, paths: DemoPaths) -> list[str]:
+    """pretrain's ``--set`` overrides of the tiny preset for the demo's recipe."""
+    overrides = [
+        f"data.train={paths.data}",
+        f"data.batch_size={config.batch_size}",
+        f"optim.lr={config.lr}",
+        f"train.steps={config.steps}",
+        f"train.run_dir={paths.run}",
+        f"train.log_every={max(1, min(20, config.steps // 10))}",
+        f"train.checkpoint_every={config.checkpoint_every}",
+        f"data.caption_subsets={config.caption_subsets}",
+        "train.device=cpu",
+        # a bar on a terminal, a line per log_every steps otherwise
+        "train.progress=auto",
+    ]
+    if config.extend_schedule:
+        overrides.append(f"train.extend_schedule={config.extend_schedule}")
+    return overrides
+
+
+def _train(config: DemoConfig, paths: DemoPaths, stages: _StageLog) -> bool:
+    """Stage 2: train (or resume) the tiny model; True when a finished run was reused."""
+    from clipforge.pretrain.config import load_config
+    from clipforge.pretrain.train import train
+
+    t0 = stages.start(
+        2, f"training the tiny CLIP model: {config.steps} steps of {config.batch_size}"
+    )
+    if _training_done(paths.run, config.steps):
+        stages.done(t0, f"already trained: reusing {paths.run / 'model'}")
+        return True
+    _check_extension(paths.run, config)
+    result = train(load_config("tiny", _train_overrides(config, paths)))
+    model_dir = paths.run / "model"
+    stages.done(t0, f"trained to step {result.steps}, loss {result.last_loss:.3f} -> {model_dir}")
+    return False
+
+
+def _embed(
+    config: DemoConfig, paths: DemoPaths, loaded: LoadedModel, stages: _StageLog
+) -> tuple[dict[str, Any], bool]:
+    """Stage 3: embed every image and caption; (the EMB_DIR manifest, whether every part was
+    already there). Parts embedded by an earlier model (training continued since) are redone."""
+    from clipforge.index.embed import EmbedConfig, embed
+
+    t0 = stages.start(3, "embedding every image and caption with the trained model")
+    emb = paths.embeddings
     emb_manifest = _read_json(emb / "embeddings.json")
-    # Parts embedded by an earlier model (training continued since) must be redone.
     stale = emb_manifest is not None and emb_manifest.get("model_hash") != loaded.model_hash
     embedded = embed(
         EmbedConfig(
-            model=str(run),
-            data=str(data),
+            model=str(paths.run),
+            data=str(paths.data),
             out=str(emb),
             batch_size=256,
             workers=config.workers,
@@ -239,76 +282,150 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             overwrite=stale,
         )
     )
-    reused["embed"] = not embedded.parts_written
     m = embedded.manifest or {}
-    done(
+    stages.done(
         t0,
         f"{m.get('count', '?')} samples, dim {m.get('dim', '?')}: "
         f"{len(embedded.parts_written)} part(s) embedded, {len(embedded.parts_kept)} kept -> {emb}",
     )
+    return m, not embedded.parts_written
 
-    # 4. index ------------------------------------------------------------------------------
-    t0 = stage(4, "building the FAISS index (kind chosen for the collection size)")
-    current = _read_json(index / "index.json")
-    reused["index"] = (
+
+def _build_index(
+    paths: DemoPaths, manifest: dict[str, Any], embeddings_reused: bool, stages: _StageLog
+) -> tuple[dict[str, Any], bool]:
+    """Stage 4: build the index, or reuse the one built from these very embeddings; (its
+    index.json, whether it was reused)."""
+    from clipforge.index.build import run_build
+
+    t0 = stages.start(4, "building the FAISS index (kind chosen for the collection size)")
+    current = _read_json(paths.index / "index.json")
+    if (
         current is not None
-        and current.get("model_hash") == m.get("model_hash")
-        and current.get("count") == m.get("count")
-        and not embedded.parts_written
-    )
-    if reused["index"]:
-        assert current is not None
-        built = current
-        done(t0, f"index of the current embeddings exists: reusing {index}")
+        and current.get("model_hash") == manifest.get("model_hash")
+        and current.get("count") == manifest.get("count")
+        and embeddings_reused
+    ):
+        built, reused = current, True
+        stages.done(t0, f"index of the current embeddings exists: reusing {paths.index}")
     else:
-        built = run_build(emb, index, kind="auto", created_by=PROG, log=lambda s: log(f"      {s}"))
-        done(t0, f"built -> {index}")
+        built = run_build(
+            paths.embeddings, paths.index, kind="auto", created_by=PROG, log=stages.detail
+        )
+        reused = False
+        stages.done(t0, f"built -> {paths.index}")
     kinds = ", ".join(f"{mod}: {info.get('kind')}" for mod, info in built["modalities"].items())
-    log(f"      {built['count']} items, dim {built['dim']} ({kinds})")
+    stages.detail(f"{built['count']} items, dim {built['dim']} ({kinds})")
+    return built, reused
 
-    # 5. evaluation -------------------------------------------------------------------------
-    t0 = stage(5, "retrieval Recall@K on the demo set (clipforge.eval: exact and via the index)")
-    report = _read_json(report_path)
-    reused["eval"] = (
+
+def _evaluate(
+    config: DemoConfig, paths: DemoPaths, loaded: LoadedModel, index_reused: bool, stages: _StageLog
+) -> tuple[dict[str, Any], bool]:
+    """Stage 5: retrieval Recall@K, exact and through the index; (the report, whether the one
+    of this model and this index was reused)."""
+    from clipforge.eval.data import EvalDataConfig
+    from clipforge.eval.report import format_retrieval, write_report
+    from clipforge.eval.retrieval import RetrievalConfig
+    from clipforge.eval.tasks import run_retrieval, setup
+    from clipforge.pretrain.distributed import shutdown
+
+    t0 = stages.start(
+        5, "retrieval Recall@K on the demo set (clipforge.eval: exact and via the index)"
+    )
+    report = _read_json(paths.report)
+    reused = (
         report is not None
         and report.get("model", {}).get("hash") == loaded.model_hash
-        and report.get("metrics", {}).get("index", {}).get("dir") == str(index)
-        and reused["index"]
+        and report.get("metrics", {}).get("index", {}).get("dir") == str(paths.index)
+        and index_reused
     )
-    if not reused["eval"]:
+    if not reused:
         info = setup("cpu")
         try:
             report = run_retrieval(
                 loaded,
-                str(data),
+                str(paths.data),
                 info,
                 EvalDataConfig(workers=config.workers),
                 RetrievalConfig(ks=config.ks, device="cpu"),
-                index_dir=str(index),
-                command=[PROG, "--out", str(out)],
+                index_dir=str(paths.index),
+                command=[PROG, "--out", str(paths.out)],
             )
         finally:
             shutdown(info)
-        write_report(report_path, report)
+        write_report(paths.report, report)
     assert report is not None
     for line in format_retrieval(report["metrics"]).splitlines():
-        log(f"      {line}")
-    done(t0, ("reused " if reused["eval"] else "") + f"report -> {report_path}")
+        stages.detail(line)
+    stages.done(t0, ("reused " if reused else "") + f"report -> {paths.report}")
+    return report, reused
 
-    # 6. example queries --------------------------------------------------------------------
-    t0 = stage(6, f"example text queries (top {config.top} of {built['count']} images)")
-    searcher = Searcher.open(index, model=loaded)
+
+def _run_queries(
+    config: DemoConfig, paths: DemoPaths, loaded: LoadedModel, count: int, stages: _StageLog
+) -> dict[str, list[Any]]:
+    """Stage 6: the example text queries against the image index, their top hits printed."""
+    from clipforge.index.searcher import Searcher
+
+    t0 = stages.start(6, f"example text queries (top {config.top} of {count} images)")
+    searcher = Searcher.open(paths.index, model=loaded)
     examples: dict[str, list[Any]] = {}
     hits_per_query = searcher.search_text(list(config.queries), k=config.top, target="image")
     for query, hits in zip(config.queries, hits_per_query, strict=True):
         examples[query] = hits
-        log(f'      "{query}"')
+        stages.detail(f'"{query}"')
         for rank, h in enumerate(hits, 1):
-            log(f"        {rank}. {h.score:.3f}  {h.caption}")
-    done(t0, "searched")
+            stages.log(f"        {rank}. {h.score:.3f}  {h.caption}")
+    stages.done(t0, "searched")
+    return examples
 
-    log(f"\ndone in {time.perf_counter() - t_all:.0f} s. Everything is in {out}")
-    return DemoResult(out, data, run, emb, index, report, examples, reused)
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
+    """Run (or resume) every stage of the demo; prints progress through ``log``."""
+    from clipforge.pretrain.models import load_model
+
+    paths = DemoPaths.under(config.out)
+    stages = _StageLog(log)
+    reused: dict[str, bool] = {}
+    t_all = time.perf_counter()
+    log(f"clipforge demo: run directory {paths.out}")
+    _write_shards(paths, stages)
+    reused["train"] = _train(config, paths, stages)
+    loaded = load_model(paths.run)
+    manifest, reused["embed"] = _embed(config, paths, loaded, stages)
+    built, reused["index"] = _build_index(paths, manifest, reused["embed"], stages)
+    report, reused["eval"] = _evaluate(config, paths, loaded, reused["index"], stages)
+    examples = _run_queries(config, paths, loaded, built["count"], stages)
+    log(f"\ndone in {time.perf_counter() - t_all:.0f} s. Everything is in {paths.out}")
+    return DemoResult(
+        paths.out,
+        paths.data,
+        paths.run,
+        paths.embeddings,
+        paths.index,
+        report,
+        examples,
+        reused,
+    )
+
+
+def _serve(result: DemoResult, out_flag: str, serve: bool, host: str, port: int) -> None:
+    """Print how to open the web page, or (``serve``) serve it until Ctrl-C."""
+    if not serve:
+        index = os.path.relpath(result.index_dir)
+        if index.startswith(".."):  # outside the working directory: the full path reads better
+            index = str(result.index_dir)
+        print(
+            f"\nOpen the web page: clipforge-index serve --index {index}\n"
+            f"  then browse http://127.0.0.1:8000/  (or: {PROG} --out {out_flag} --serve)"
+        )
+        return
+    from clipforge.index.server import ServerConfig
+    from clipforge.index.server import serve as serve_index
+
+    print()
+    serve_index(ServerConfig(str(result.index_dir), model=str(result.run_dir)), host, port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,20 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extend_schedule=args.extend_schedule or "",
         )
         result = run_demo(config, log=lambda line: print(line, flush=True))
-        index = os.path.relpath(result.index_dir)
-        if index.startswith(".."):  # outside the working directory: the full path reads better
-            index = str(result.index_dir)
-        if not args.serve:
-            print(
-                f"\nOpen the web page: clipforge-index serve --index {index}\n"
-                f"  then browse http://127.0.0.1:8000/  (or: {PROG} --out {args.out} --serve)"
-            )
-            return 0
-        from clipforge.index.server import ServerConfig, serve
-
-        print()
-        server = ServerConfig(str(result.index_dir), model=str(result.run_dir))
-        serve(server, args.host, args.port)
+        _serve(result, args.out, args.serve, args.host, args.port)
         return 0
     except (ValueError, OSError) as e:
         # clipforge's input errors are ValueErrors (ConfigError, EmbedError, SearchError, ...)

@@ -42,29 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    parser.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="measure samples/s, data wait and peak memory for this config, "
-        "side by side with open_clip_train (see --peer-python)",
-    )
-    parser.add_argument(
-        "--benchmark-warmup",
-        type=int,
-        default=5,
-        help="steps excluded from the median (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--peer-python",
-        help="python of the open_clip_train venv "
-        "(default $CLIPFORGE_PEER_OPENCLIP or /work/peers/openclip/bin/python)",
-    )
-    parser.add_argument(
-        "--no-peer",
-        action="store_true",
-        help="with --benchmark: measure clipforge alone (no open_clip_train venv needed)",
-    )
-    parser.add_argument("--json", help="with --benchmark: also write the figures here")
     return parser
 
 
@@ -81,17 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            return 0
-        if args.benchmark:
-            from clipforge.pretrain.benchmark import run_benchmark
-
-            figures = run_benchmark(
-                config, args.benchmark_warmup, args.peer_python, peer=not args.no_peer
-            )
-            if args.json:
-                from clipforge.data_tools.atomic import write_json_atomic
-
-                write_json_atomic(args.json, figures)
             return 0
         from clipforge.pretrain.train import TrainingAborted, train
 

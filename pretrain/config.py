@@ -368,7 +368,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.1},
         "train": {"steps": 300, "log_every": 10, "checkpoint_every": 100},
     },
-    # The PEERS.md reference comparison with open_clip_train (20.8 M parameters, 64 px).
+    # The benchmarks/ comparison with open_clip_train (20.8 M parameters, 64 px).
     "bench-tiny": {
         "model": {"name": "bench-tiny"},
         "data": {"batch_size": 128, "workers": 1, "shuffle_buffer": 1000},

@@ -5,7 +5,7 @@ glibc's malloc serves every allocation above its mmap threshold (at most 32 MiB)
 same large activations every step (a ViT-B MLP activation at batch 128 is 8,320 x 1,024 floats
 = 34 MB in the tiny benchmark config, far more for real ones), so each step first-touches --
 page-faults and zero-fills -- hundreds of MB: a quarter of the image tower's step time in
-``clipforge-pretrain --benchmark``. Turning mmap off for malloc and never trimming the heap makes
+``benchmarks.train_throughput``. Turning mmap off for malloc and never trimming the heap makes
 freed blocks come back for the next step's tensors, already mapped. The CUDA caching allocator
 does the same for GPU memory; this is its CPU counterpart, with the same price: peak memory stays
 reserved by the process. Heap fragmentation is the risk: an allocation pattern of ever-growing

@@ -54,7 +54,21 @@ def forward_backward(
             loss = loss_fn(out)
         backward(loss)
         return {"loss": loss.detach(), "logit_scale": float(out["logit_scale"].detach())}
+    return _accumulated(model, images, texts, loss_fn, accum_steps, autocast, no_sync, backward)
 
+
+def _accumulated(
+    model: nn.Module,
+    images: Tensor,
+    texts: Tensor,
+    loss_fn: LossFn,
+    accum_steps: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+    backward: Callable[[Tensor], None],
+) -> dict[str, Any]:
+    """:func:`forward_backward` for ``accum_steps > 1``: cache every micro-batch's features
+    without gradients, then re-forward each micro-batch with gradients against the cache."""
     image_chunks = images.chunk(accum_steps)
     text_chunks = texts.chunk(accum_steps)
     cached: dict[str, list[Tensor]] = {k: [] for k in _FEATURE_KEYS}

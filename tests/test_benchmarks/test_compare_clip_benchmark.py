@@ -1,5 +1,6 @@
-"""The CLIP_benchmark comparison: the data conversion (always), and the whole comparison against
-CLIP_benchmark's own venv when it exists and CLIPFORGE_TEST_PEERS=1 (it takes ~30 s)."""
+"""The CLIP_benchmark comparison: the data conversion and the refusal without a peer (always), and
+the whole comparison against CLIP_benchmark's own venv when $CLIPFORGE_PEER_CLIPBENCH names its
+python (it takes ~30 s; benchmarks/README.md says how to make that venv)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.eval.compare_clip_benchmark import CompareConfig, write_clip_benchmark_wds
+from benchmarks import compare_clip_benchmark
+from benchmarks.compare_clip_benchmark import main, write_clip_benchmark_wds
+from benchmarks.peer_python import CLIP_BENCHMARK_ENV
 from clipforge.eval.data import EmbeddedSet
 
-PEER_PYTHON = Path("/work/peers/clipbench/bin/python")
+PEER_PYTHON = os.environ.get(CLIP_BENCHMARK_ENV, "")
 
 
 def test_conversion_writes_clip_benchmarks_wds_layout(demo: Path, tmp_path: Path) -> None:
@@ -51,19 +54,46 @@ def test_conversion_writes_clip_benchmarks_wds_layout(demo: Path, tmp_path: Path
         assert t.extractfile("00000001.cls").read() == b"1"
 
 
-@pytest.mark.skipif(
-    not (PEER_PYTHON.is_file() and os.environ.get("CLIPFORGE_TEST_PEERS") == "1"),
-    reason="needs CLIP_benchmark's venv (shared/PEERS.md) and CLIPFORGE_TEST_PEERS=1",
-)
-def test_figures_agree_with_clip_benchmark(trained_demo_run: Path, demo: Path) -> None:
-    from clipforge.eval.compare_clip_benchmark import run_comparison
+def test_without_a_peer_it_fails_before_clipforge_evaluates(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def not_reached(*_: object, **__: object) -> None:
+        raise AssertionError("clipforge's half ran before the peer was checked")
 
+    monkeypatch.setattr(compare_clip_benchmark, "run_comparison", not_reached)
+    monkeypatch.delenv(CLIP_BENCHMARK_ENV, raising=False)
+    out = tmp_path / "result.json"
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(demo), "--json", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CLIP_benchmark interpreter given" in err
+    assert f"--peer-python VENV/bin/python or set {CLIP_BENCHMARK_ENV}" in err
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    assert main([*argv, "--peer-python", str(missing)]) == 2
+    assert f"no CLIP_benchmark interpreter at {missing} (--peer-python)" in capsys.readouterr().err
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"No module named 'clip_benchmark'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv(CLIP_BENCHMARK_ENV, str(broken))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"${CLIP_BENCHMARK_ENV}) cannot import clip_benchmark.cli (No module named" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(
+    not PEER_PYTHON,
+    reason=f"needs CLIP_benchmark's venv: set {CLIP_BENCHMARK_ENV} to its python "
+    "(benchmarks/README.md)",
+)
+def test_figures_agree_with_clip_benchmark(
+    trained_demo_run: Path, demo: Path, tmp_path: Path
+) -> None:
     names = "Smileys & Emotion,People & Body,Component,Animals & Nature,Food & Drink,"
     names += "Travel & Places,Activities,Objects,Symbols,Flags"
-    result = run_comparison(
-        str(trained_demo_run),
-        str(demo),
-        CompareConfig(classnames=names, peer_python=str(PEER_PYTHON)),
-    )
+    out = tmp_path / "result.json"
+    argv = ["--model", str(trained_demo_run), "--data", str(demo), "--classnames", names]
+    assert main([*argv, "--json", str(out)]) == 0  # the peer from $CLIPFORGE_PEER_CLIPBENCH
+    result = json.loads(out.read_text())
     assert result["metrics"]["agree"], json.dumps(result["metrics"]["rows"])
     assert all(row[-1] == "agree" for row in result["metrics"]["rows"])

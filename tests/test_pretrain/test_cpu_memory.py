@@ -1,5 +1,5 @@
 """On CPU, freed activations are kept for reuse instead of being unmapped and page-faulted in
-again every step (the speed-up itself is measured by ``clipforge-pretrain --benchmark``)."""
+again every step (the speed-up itself is measured by ``python -m benchmarks.train_throughput``)."""
 
 from __future__ import annotations
 

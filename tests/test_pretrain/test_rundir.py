@@ -1,6 +1,6 @@
 """Run directories in real use, through ``clipforge.pretrain.cli.main``: one trainer at a time,
 resumes that are checked before anything is written, torn and corrupt files, a full disk,
-re-running a finished run, extending the schedule, and ``--benchmark`` without its peer."""
+re-running a finished run, extending the schedule."""
 
 from __future__ import annotations
 
@@ -341,28 +341,3 @@ def test_continue_lr_keeps_the_rate_and_allowed_changes_are_logged(
     assert lr[5] > old[5]  # a longer decay than the old one
     changed = json.loads((run_copy / "restarts.jsonl").read_text().splitlines()[-1])["changed"]
     assert changed["model.grad_checkpointing"] == [False, True]
-
-
-# ----------------------------------------------------------------------------- 9. benchmark
-
-
-def test_benchmark_fails_fast_without_its_peer(
-    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    from clipforge.pretrain import benchmark
-
-    def not_reached(*_: object) -> None:
-        raise AssertionError("clipforge's half ran before the peer was checked")
-
-    monkeypatch.setattr(benchmark, "bench_clipforge", not_reached)
-    bench = ["--config", "bench-tiny", "--set", f"data.train={demo}", "--benchmark"]
-    missing = tmp_path / "no-venv" / "bin" / "python"
-    assert main([*bench, "--peer-python", str(missing)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no open_clip_train interpreter at {missing}" in err
-    assert "--no-peer" in err
-    broken = tmp_path / "python"
-    broken.write_text("#!/bin/sh\necho \"No module named 'open_clip_train'\" >&2\nexit 1\n")
-    broken.chmod(0o755)
-    assert main([*bench, "--peer-python", str(broken)]) == 2
-    assert "cannot import open_clip_train.main (No module named" in capsys.readouterr().err
