@@ -249,8 +249,6 @@ class SkipCounter:
         return out
 
 
-
-
 def iter_tar_samples(
     url: str, skips: SkipCounter, expected: int | None = None
 ) -> Iterator[_RawSample]:
