@@ -131,8 +131,11 @@ class QueryBatcher:
         self, kind: Literal["text", "image"], batch: Sequence[_Pending]
     ) -> list[list[Hit] | BaseException]:
         s = self._searcher
-        payloads = [p.payload for p in batch]
-        emb = s.embed_text(payloads) if kind == "text" else s.embed_images(payloads)  # (Q, D)
+        # A batch holds one kind: text payloads are strings, image payloads PIL images.
+        if kind == "text":
+            emb = s.embed_text([str(p.payload) for p in batch])  # (Q, D)
+        else:
+            emb = s.embed_images([p.payload for p in batch])  # (Q, D)
         self.stats.queries += len(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))

@@ -475,6 +475,6 @@ def _install(stage: Path, out: Path) -> None:
         new_files.add(rel.as_posix())
     os.replace(stage / store.MANIFEST_NAME, out / store.MANIFEST_NAME)
     shutil.rmtree(stage, ignore_errors=True)
-    for rel in sorted(old_files - new_files):
+    for stale in sorted(old_files - new_files):
         with contextlib.suppress(OSError):
-            (out / rel).unlink()
+            (out / stale).unlink()

@@ -65,6 +65,7 @@ from clipforge.pretrain.models import (
     OPEN_CLIP_CONFIG_NAME,
     OPEN_CLIP_WEIGHTS_NAME,
     LoadedModel,
+    dual_encoder,
     export_open_clip,
     load_model,
     resolve_model_config,
@@ -515,11 +516,11 @@ def _encode_batch(
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
             if normalize is not None:  # uint8 -> normalised float, here on the GPU
                 images = normalize(images)
-            feats = loaded.model.encode_image(images)  # (B, D)
+            feats = dual_encoder(loaded.model).encode_image(images)  # (B, D)
             out["image"] = F.normalize(feats.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
         if "text" in modalities:
             tokens = batch["text"].to(device, non_blocking=True)  # (B, context_length)
-            feats = loaded.model.encode_text(tokens)  # (B, D)
+            feats = dual_encoder(loaded.model).encode_text(tokens)  # (B, D)
             out["text"] = F.normalize(feats.float(), dim=-1).cpu().numpy()  # (B, D) unit rows
     return out
 
@@ -824,7 +825,7 @@ def _embed_dim(loaded: LoadedModel) -> int:
     with torch.inference_mode():
         device = next(loaded.model.parameters()).device
         tokens = loaded.tokenizer(["a"]).to(device)
-        return int(loaded.model.encode_text(tokens).shape[-1])
+        return int(dual_encoder(loaded.model).encode_text(tokens).shape[-1])
 
 
 def _source(meta: Any) -> str:

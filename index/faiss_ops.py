@@ -67,14 +67,17 @@ def train_index(
     log: Log = print,
 ) -> faiss.Index:
     """A trained, empty index for ``plan`` (quantizers fit on a seeded sample of ``source``)."""
-    index = faiss.index_factory(source.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    # Any: the factory returns the downcast class (IndexHNSWFlat, IndexPreTransform...), whose
+    # attributes the SWIG stubs do not know from the declared faiss.Index.
+    index: Any = faiss.index_factory(source.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.kind == "hnsw":
         index.hnsw.efConstruction = config.ef_construction
     if index.is_trained:
         return index
     if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+        chain: Any = index.chain  # a SWIG vector, not the list the stubs declare
+        for i in range(chain.size()):
+            vt = faiss.downcast_VectorTransform(chain.at(i))
             if isinstance(vt, faiss.OPQMatrix):
                 vt.niter = config.opq_iterations
     n = train_sample_size(plan, source.count, config)
@@ -94,15 +97,16 @@ def train_index(
             # Polysemous training (a simulated-annealing code reordering, the factory default)
             # only serves Hamming-filtered search, which clipforge does not use; it dominates
             # PQ training time.
-            ivfpq.do_polysemous_training = False
-    clustering_index = None  # must outlive train(): SWIG does not keep it alive for us
+            ivfpq.do_polysemous_training = False  # type: ignore[attr-defined]  # not in stubs
+    # must outlive train(): SWIG does not keep it alive for us
+    clustering_index: faiss.Index | None = None
     if ivf is not None and gpu is not None:
         # k-means assignment on the GPU; the trained centroids land in the CPU quantizer.
         clustering_index = gpu.flat(ivf.d, ivf.metric_type)
         ivf.clustering_index = clustering_index
     index.train(x)
     if ivf is not None:
-        ivf.clustering_index = None
+        ivf.clustering_index = None  # type: ignore[assignment]  # SWIG takes None (NULL)
     del clustering_index
     log(f"  trained {plan.factory} on {n} sampled vectors in {time.perf_counter() - t0:.1f} s")
     return index
@@ -127,8 +131,9 @@ def _add_chunk(
     # same lists and codes as index.add_with_ids, with the costly nearest-centroid search moved.
     xt = x
     if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            xt = index.chain.at(i).apply(xt)
+        chain: Any = index.chain  # a SWIG vector, not the list the stubs declare
+        for i in range(chain.size()):
+            xt = chain.at(i).apply(xt)
     _, assign = assigner.search(np.ascontiguousarray(xt), 1)  # (n, 1) int64
     assign = np.ascontiguousarray(assign[:, 0])
     ivf.add_core(len(xt), faiss.swig_ptr(xt), faiss.swig_ptr(ids), faiss.swig_ptr(assign))

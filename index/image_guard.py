@@ -95,10 +95,10 @@ def decode_query_image(data: bytes, limits: ImageLimits) -> Image.Image:
             scale = limits.work_side / shorter
             im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         im.load()
-        im = to_rgb(im)
-        factor = min(im.size) // limits.work_side
+        rgb = to_rgb(im)
+        factor = min(rgb.size) // limits.work_side
         if factor >= 2:
-            im = im.reduce(factor)  # box filter: one pass over the pixels, bounded output
+            rgb = rgb.reduce(factor)  # box filter: one pass over the pixels, bounded output
     except ApiError:
         raise
     except Image.DecompressionBombError as e:
@@ -108,7 +108,7 @@ def decode_query_image(data: bytes, limits: ImageLimits) -> Image.Image:
         # struct.error... depending on the format. Any of them means "not an image we can
         # read", which is the client's problem, never a 500.
         raise ApiError(400, f"the uploaded file is not a decodable image ({e})") from None
-    return im
+    return rgb
 
 
 __all__ = ["ImageLimits", "check_image_size", "decode_query_image"]

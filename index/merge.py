@@ -90,7 +90,8 @@ def merge_on_disk(
     if merged.ntotal != 0:
         raise ValueError(f"{trained_path}: the trained index must be empty, has {merged.ntotal}")
 
-    shards, lists = [], faiss.InvertedListsPtrVector()
+    shards = []
+    lists = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # SWIG, not in stubs
     for p in shard_paths:
         shard = faiss.read_index(str(p), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         ivf = faiss.extract_index_ivf(shard)
@@ -120,7 +121,7 @@ def merge_on_disk(
         raise
     merged_ivf.ntotal = merged.ntotal = ntotal
     merged_ivf.replace_invlists(ondisk, True)
-    ondisk.this.disown()  # the index owns the lists now
+    ondisk.this.disown()  # type: ignore[attr-defined]  # the index owns the lists now
     with atomic_output(index_path) as tmp:
         faiss.write_index(merged, str(tmp))
     del merged, shards

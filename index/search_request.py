@@ -42,15 +42,21 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length", "")
     if _ASCII_DIGITS.fullmatch(declared) and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"request body is {shown(declared)} bytes; the limit is {limit}", close)
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+
+    async def receive_all() -> None:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", close)
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > limit:
-                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes", close)
-                chunks.append(chunk)
-    except TimeoutError:
+        # wait_for, not asyncio.timeout: the latter is Python 3.11+, clipforge supports 3.10;
+        # asyncio.TimeoutError is the builtin TimeoutError from 3.11 on.
+        await asyncio.wait_for(receive_all(), timeout_s)
+    except asyncio.TimeoutError:
         raise ApiError(
             408, f"the request body did not arrive within {timeout_s:g} s", close
         ) from None

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipforge.data_tools.images import to_rgb
-from clipforge.pretrain.models import LoadedModel, load_model
+from clipforge.pretrain.models import LoadedModel, dual_encoder, load_model
 
 from .store import (
     MODALITIES,
@@ -281,7 +281,7 @@ class Searcher:
         device = next(m.model.parameters()).device
         with torch.inference_mode():
             tokens = m.tokenizer(list(texts)).to(device)  # (Q, context_length)
-            feats = m.model.encode_text(tokens)  # (Q, D)
+            feats = dual_encoder(m.model).encode_text(tokens)  # (Q, D)
             return F.normalize(feats.float(), dim=-1).cpu().numpy()  # (Q, D) unit rows
 
     def embed_images(self, images: Sequence[ImageQuery]) -> np.ndarray:
@@ -294,7 +294,7 @@ class Searcher:
         tensors = [per_sample(to_rgb(_open_image(img))) for img in images]  # (3, H, W) uint8
         with torch.inference_mode():
             batch = per_batch(torch.stack(tensors).to(device))  # (Q, 3, H, W) normalised
-            feats = m.model.encode_image(batch)  # (Q, D)
+            feats = dual_encoder(m.model).encode_image(batch)  # (Q, D)
             return F.normalize(feats.float(), dim=-1).cpu().numpy()  # (Q, D) unit rows
 
     # ------------------------------------------------------------------ searching
@@ -330,8 +330,11 @@ class Searcher:
             np.clip(scores, -1.0, 1.0, out=scores)
         return self._hits(opened, scores, ids)
 
+    # A str is also a Sequence[str]: the first overload wins for it, which is the intent.
     @overload
-    def search_text(self, texts: str, k: int = 10, target: str = "image") -> list[Hit]: ...
+    def search_text(  # type: ignore[overload-overlap]
+        self, texts: str, k: int = 10, target: str = "image"
+    ) -> list[Hit]: ...
     @overload
     def search_text(
         self, texts: Sequence[str], k: int = 10, target: str = "image"
@@ -341,13 +344,16 @@ class Searcher:
     ) -> list[Hit] | list[list[Hit]]:
         """Text -> image (or -> caption with ``target="text"``). One string: one hit list;
         a list of strings: one hit list per string, embedded and searched as one batch."""
-        single = isinstance(texts, str)
         _check_k(k, self.count, str(self.index_dir))
-        hits = self.search_embeddings(self.embed_text([texts] if single else texts), k, target)
-        return hits[0] if single else hits
+        if isinstance(texts, str):
+            return self.search_embeddings(self.embed_text([texts]), k, target)[0]
+        return self.search_embeddings(self.embed_text(texts), k, target)
 
+    # A str path is also a Sequence: as for search_text, the single-query overload wins.
     @overload
-    def search_image(self, images: ImageQuery, k: int = 10, target: str = "image") -> list[Hit]: ...
+    def search_image(  # type: ignore[overload-overlap]
+        self, images: ImageQuery, k: int = 10, target: str = "image"
+    ) -> list[Hit]: ...
     @overload
     def search_image(
         self, images: Sequence[ImageQuery], k: int = 10, target: str = "image"
@@ -357,11 +363,10 @@ class Searcher:
     ) -> list[Hit] | list[list[Hit]]:
         """Image -> image (or image -> caption with ``target="text"``); batched like
         :meth:`search_text`."""
-        single = isinstance(images, (str, os.PathLike, Image.Image))
         _check_k(k, self.count, str(self.index_dir))
-        batch = [images] if single else list(images)  # type: ignore[list-item]
-        hits = self.search_embeddings(self.embed_images(batch), k, target)
-        return hits[0] if single else hits
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            return self.search_embeddings(self.embed_images([images]), k, target)[0]
+        return self.search_embeddings(self.embed_images(list(images)), k, target)
 
     def _hits(self, opened: OpenIndex, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         valid = ids[ids >= 0]

@@ -293,7 +293,8 @@ def uvicorn_config(app: FastAPI, **kwargs: Any) -> Any:
     return uvicorn.Config(
         app,
         http=protocol_class(config.header_timeout_s),
-        timeout_keep_alive=config.keep_alive_s,
+        # uvicorn annotates int but hands it to loop.call_later, which takes fractions of seconds
+        timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]
         # request line + headers over 16 KiB: 400 (h11 buffers at most this for one event)
         h11_max_incomplete_event_size=16 * 1024,
         log_level="warning",
