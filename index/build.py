@@ -28,7 +28,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,30 @@ def build_modality_index(
     tuned = _tune(index, plan, source, queries, name, config, gpu, log)
     del index  # release (and unmap) before hashing
 
+    return _entry(
+        d, fname, extra, plan, tuned, queries, config,
+        train_sample=train_sample_size(plan, source.count, config),
+        num_shards=config.num_shards if sharded else None,
+        device="gpu" if gpu else "cpu",
+        seconds=time.perf_counter() - t_start,
+    )  # fmt: skip
+
+
+def _entry(
+    d: Path,
+    fname: str,
+    extra: Sequence[str],
+    plan: IndexPlan,
+    tuned: TuneResult,
+    queries: Queries,
+    config: BuildConfig,
+    *,
+    train_sample: int,
+    num_shards: int | None,
+    device: str,
+    seconds: float,
+) -> ModalityIndexEntry:
+    """The index.json entry of a built ``d/fname`` (+ ``extra`` files), hashing its files."""
     sizes, digests = {}, {}
     for f in [fname, *extra]:
         sizes[f], digests[f] = store.file_record(d / f)
@@ -121,15 +145,15 @@ def build_modality_index(
         num_recall_queries=len(queries.vectors),
         tuning=tuple(tuned.curve),
         nlist=plan.nlist,
-        train_sample=train_sample_size(plan, source.count, config),
-        num_shards=config.num_shards if sharded else None,
+        train_sample=train_sample,
+        num_shards=num_shards,
         memory_budget=config.memory_budget,
         estimated_bytes=plan.estimated_bytes,
         size_bytes=sum(sizes.values()),
         file_sizes=sizes,
         sha256=digests,
-        device="gpu" if gpu else "cpu",
-        build_seconds=round(time.perf_counter() - t_start, 2),
+        device=device,
+        build_seconds=round(seconds, 2),
     )
 
 
@@ -243,6 +267,27 @@ def run_build(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
 
+    def build_one(
+        m: str, source: VectorSource, queries: Queries, stage: Path
+    ) -> ModalityIndexEntry:
+        return build_modality_index(source, queries, stage, m, config, log=log)
+
+    return _run_staged(emb_dir, out, inputs, created_by, build_one, log)
+
+
+ModalityBuilder = Callable[[str, VectorSource, Queries, Path], ModalityIndexEntry]
+"""Builds modality ``m``'s index from its vectors and tuning queries into a staging folder."""
+
+
+def _run_staged(
+    emb_dir: Path,
+    out: Path,
+    inputs: _Inputs,
+    created_by: str | None,
+    build_one: ModalityBuilder,
+    log: Log,
+) -> dict[str, Any]:
+    """Build the whole INDEX_DIR in a staging folder inside ``out``, then install it."""
     # Built in a staging folder inside OUT, moved into place file by file when complete: a
     # failed or killed build leaves an existing index in OUT as it was.
     created = make_dirs(out)
@@ -250,7 +295,7 @@ def run_build(
     stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     stage.mkdir()
     try:
-        result = _build_into(stage, emb_dir, inputs, config, created_by, log)
+        result = _build_into(stage, emb_dir, inputs, created_by, build_one, log)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         for d in reversed(created):  # folders this run made, if nothing else is in them
@@ -336,8 +381,8 @@ def _build_into(
     stage: Path,
     emb_dir: Path,
     inputs: _Inputs,
-    config: BuildConfig,
     created_by: str | None,
+    build_one: ModalityBuilder,
     log: Log,
 ) -> dict[str, Any]:
     """Write the whole index directory into ``stage``; return its index.json."""
@@ -347,8 +392,7 @@ def _build_into(
         emb_dir, manifest, stage / store.METADATA_NAME
     )
     entries = {
-        m: build_modality_index(source, inputs.queries[m], stage, m, config, log=log)
-        for m, source in inputs.sources.items()
+        m: build_one(m, source, inputs.queries[m], stage) for m, source in inputs.sources.items()
     }
     index_model = None
     if inputs.model_record is not None:
