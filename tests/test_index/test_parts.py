@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,34 @@ def test_cli_parts_and_merge(emb_dir: Path, tmp_path: Path, capsys: pytest.Captu
         main(["build", *flags, "--out", str(out), "--part", "0/2", "--merge-parts"])
     assert main(["build", *flags, "--out", str(out), "--part", "0/2", "--num-shards", "3"]) == 2
     assert "--num-shards 3 contradicts --part 0/2" in capsys.readouterr().err
+
+
+def test_parts_as_separate_processes(emb_dir: Path, tmp_path: Path) -> None:
+    # What a SLURM array does: the parts are separate processes started at once, part 1 before
+    # part 0 here, so it really waits for part 0's trained quantizer on the shared folder.
+    out, ref = tmp_path / "idx", tmp_path / "ref"
+    flags = ["--embeddings", str(emb_dir), "--out", str(out), "--kind", "ivf_sqfp16",
+             "--modalities", "image", "--cpu"]  # fmt: skip
+    cmd = [sys.executable, "-u", "-m", "clipforge.index", "build", *flags]
+    waiting = subprocess.Popen(
+        [*cmd, "--part", "1/2", "--wait-timeout", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert waiting.stdout is not None
+    seen = []
+    for line in waiting.stdout:  # part 0 starts only once part 1 says it is waiting for it
+        seen.append(line)
+        if "waiting for part 0's trained quantizer" in line:
+            break
+    assert "waiting" in seen[-1], seen
+    trainer = subprocess.run([*cmd, "--part", "0/2"], capture_output=True, text=True, timeout=120)
+    assert trainer.returncode == 0, trainer.stderr
+    rest, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, rest
+    assert "ids [3000, 6000) added" in rest
+    assert main(["build", *flags, "--merge-parts"]) == 0
+    assert main(["build", *flags[:2], "--out", str(ref), *flags[4:], "--num-shards", "2"]) == 0
+    for f in ("image.index", "image.ivfdata"):
+        assert (out / f).read_bytes() == (ref / f).read_bytes()
