@@ -19,7 +19,10 @@ The orchestration only; each step lives in the module of its job. Per modality
    (:class:`.store.ModalityIndexEntry` per modality).
 
 :func:`run_build` is the whole job (what ``clipforge-index build`` calls): everything is built in
-a staging folder inside OUT and moved into place when complete.
+a staging folder inside OUT and moved into place when complete. Split across processes or
+machines (:mod:`.parts`): :func:`run_build_part` is one ``--part I/N`` (part 0 trains, every part
+adds its id range into its own shard) and :func:`run_merge_parts` is ``--merge-parts``, which
+writes the same INDEX_DIR as ``run_build(..., num_shards=N)``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ import numpy as np
 from clipforge.data_tools.atomic import OutOfSpaceError
 from clipforge.data_tools.outputs import make_dirs
 
-from . import merge, store
+from . import merge, parts, store
 from .emb_dir import (
     EMBEDDINGS_MANIFEST,
     VectorSource,
@@ -104,6 +107,30 @@ def build_modality_index(
     tuned = _tune(index, plan, source, queries, name, config, gpu, log)
     del index  # release (and unmap) before hashing
 
+    return _entry(
+        d, fname, extra, plan, tuned, queries, config,
+        train_sample=train_sample_size(plan, source.count, config),
+        num_shards=config.num_shards if sharded else None,
+        device="gpu" if gpu else "cpu",
+        seconds=time.perf_counter() - t_start,
+    )  # fmt: skip
+
+
+def _entry(
+    d: Path,
+    fname: str,
+    extra: Sequence[str],
+    plan: IndexPlan,
+    tuned: TuneResult,
+    queries: Queries,
+    config: BuildConfig,
+    *,
+    train_sample: int,
+    num_shards: int | None,
+    device: str,
+    seconds: float,
+) -> ModalityIndexEntry:
+    """The index.json entry of a built ``d/fname`` (+ ``extra`` files), hashing its files."""
     sizes, digests = {}, {}
     for f in [fname, *extra]:
         sizes[f], digests[f] = store.file_record(d / f)
@@ -121,15 +148,15 @@ def build_modality_index(
         num_recall_queries=len(queries.vectors),
         tuning=tuple(tuned.curve),
         nlist=plan.nlist,
-        train_sample=train_sample_size(plan, source.count, config),
-        num_shards=config.num_shards if sharded else None,
+        train_sample=train_sample,
+        num_shards=num_shards,
         memory_budget=config.memory_budget,
         estimated_bytes=plan.estimated_bytes,
         size_bytes=sum(sizes.values()),
         file_sizes=sizes,
         sha256=digests,
-        device="gpu" if gpu else "cpu",
-        build_seconds=round(time.perf_counter() - t_start, 2),
+        device=device,
+        build_seconds=round(seconds, 2),
     )
 
 
@@ -243,6 +270,27 @@ def run_build(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
 
+    def build_one(
+        m: str, source: VectorSource, queries: Queries, stage: Path
+    ) -> ModalityIndexEntry:
+        return build_modality_index(source, queries, stage, m, config, log=log)
+
+    return _run_staged(emb_dir, out, inputs, created_by, build_one, log)
+
+
+ModalityBuilder = Callable[[str, VectorSource, Queries, Path], ModalityIndexEntry]
+"""Builds modality ``m``'s index from its vectors and tuning queries into a staging folder."""
+
+
+def _run_staged(
+    emb_dir: Path,
+    out: Path,
+    inputs: _Inputs,
+    created_by: str | None,
+    build_one: ModalityBuilder,
+    log: Log,
+) -> dict[str, Any]:
+    """Build the whole INDEX_DIR in a staging folder inside ``out``, then install it."""
     # Built in a staging folder inside OUT, moved into place file by file when complete: a
     # failed or killed build leaves an existing index in OUT as it was.
     created = make_dirs(out)
@@ -250,7 +298,7 @@ def run_build(
     stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     stage.mkdir()
     try:
-        result = _build_into(stage, emb_dir, inputs, config, created_by, log)
+        result = _build_into(stage, emb_dir, inputs, created_by, build_one, log)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         for d in reversed(created):  # folders this run made, if nothing else is in them
@@ -336,8 +384,8 @@ def _build_into(
     stage: Path,
     emb_dir: Path,
     inputs: _Inputs,
-    config: BuildConfig,
     created_by: str | None,
+    build_one: ModalityBuilder,
     log: Log,
 ) -> dict[str, Any]:
     """Write the whole index directory into ``stage``; return its index.json."""
@@ -347,8 +395,7 @@ def _build_into(
         emb_dir, manifest, stage / store.METADATA_NAME
     )
     entries = {
-        m: build_modality_index(source, inputs.queries[m], stage, m, config, log=log)
-        for m, source in inputs.sources.items()
+        m: build_one(m, source, inputs.queries[m], stage) for m, source in inputs.sources.items()
     }
     index_model = None
     if inputs.model_record is not None:
@@ -475,6 +522,172 @@ def _install(stage: Path, out: Path) -> None:
         new_files.add(rel.as_posix())
     os.replace(stage / store.MANIFEST_NAME, out / store.MANIFEST_NAME)
     shutil.rmtree(stage, ignore_errors=True)
-    for stale in sorted(old_files - new_files):
+    for name in sorted(old_files - new_files):
         with contextlib.suppress(OSError):
-            (out / stale).unlink()
+            (out / name).unlink()
+
+
+# ----------------------------------------------------------------------------- parts builds
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """What one ``--part I/N`` run did, per modality."""
+
+    part: int
+    """I."""
+    num_parts: int
+    """N."""
+    trained: dict[str, bool]
+    """modality -> whether this run trained its quantizer (part 0 only; False: kept)."""
+    built: dict[str, bool]
+    """modality -> whether this run added the part (False: a complete part was kept)."""
+    markers: dict[str, parts.IndexPartMarker]
+    """modality -> the part's completion marker."""
+
+
+def run_build_part(
+    embeddings_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    part: int,
+    num_parts: int,
+    *,
+    kind: str | None = None,
+    memory_budget: str | int | None = None,
+    target_recall: float | None = None,
+    modalities: Sequence[str] | None = None,
+    held_out_queries: Mapping[str, np.ndarray | str | os.PathLike[str]] | None = None,
+    use_gpu: bool | None = None,
+    config: BuildConfig | None = None,
+    wait_timeout_s: float = 7200.0,
+    poll_s: float = 5.0,
+    log: Log = print,
+) -> PartResult:
+    """One part of a build split across processes (``clipforge-index build --part I/N``).
+
+    Part 0 trains each modality's quantizer (kept if a matching one is there already); the
+    other parts wait up to ``wait_timeout_s`` for it. Each part then adds its contiguous id
+    range into its own shard under ``OUT/parts/`` (kept if complete already). The flags must be
+    those every other part and :func:`run_merge_parts` get (checked against part 0's record).
+    """
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part {part}/{num_parts}: need 0 <= I < N")
+    base = config or BuildConfig()
+    if base.num_shards not in (None, num_parts):
+        raise ValueError(
+            f"--num-shards {base.num_shards} contradicts --part {part}/{num_parts} "
+            "(a parts build has one shard per part)"
+        )
+    # plan as an N-shard build, even for N = 1: parts always merge into on-disk lists
+    config = _with_overrides(base, kind, memory_budget, target_recall, max(num_parts, 2), use_gpu)
+    use = resolve_use_gpu(config.use_gpu)
+    emb_dir, out = Path(embeddings_dir), Path(out_dir)
+    inputs = _checked_inputs(emb_dir, config, modalities, dict(held_out_queries or {}), log)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    parts.parts_dir(out).mkdir(parents=True, exist_ok=True)
+    fingerprint = parts.emb_fingerprint(emb_dir, inputs.manifest)
+    gpu = GpuResources() if use else None
+    trained_now, built, markers = {}, {}, {}
+    for m, source in inputs.sources.items():
+        plan = plan_index(source.count, source.dim, config)
+        if plan.search_param != "nprobe":
+            raise ValueError(f"parts builds need an IVF kind, not {plan.kind!r}")
+        if part == 0:
+            log(f"[{m}] {plan.reason}")
+            trained, trained_now[m] = parts.train_once(
+                out, plan, source, m, num_parts, fingerprint, config, gpu, log
+            )
+        else:
+            trained = parts.wait_for_trained(out, m, wait_timeout_s, poll_s, log)
+            trained_now[m] = False
+        parts.check_trained(trained, out, num_parts, fingerprint, config)
+        markers[m], built[m] = parts.build_part(
+            out, trained, source, part, config.chunk_size, gpu, log
+        )
+    return PartResult(part, num_parts, trained_now, built, markers)
+
+
+def run_merge_parts(
+    embeddings_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    kind: str | None = None,
+    memory_budget: str | int | None = None,
+    target_recall: float | None = None,
+    modalities: Sequence[str] | None = None,
+    held_out_queries: Mapping[str, np.ndarray | str | os.PathLike[str]] | None = None,
+    use_gpu: bool | None = None,
+    created_by: str | None = None,
+    config: BuildConfig | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Merge the parts of ``OUT/parts/`` into ``OUT`` (``clipforge-index build --merge-parts``).
+
+    Writes what a one-machine ``run_build(..., num_shards=N)`` writes (the same files, byte for
+    byte, from the same trained quantizer), then removes ``OUT/parts``. Refuses, naming them,
+    parts that are missing or incomplete, or made from another trained quantizer or EMB_DIR,
+    and flags that differ from the parts'. Returns the index.json written.
+    """
+    emb_dir, out = Path(embeddings_dir), Path(out_dir)
+    base = config or BuildConfig()
+    manifest = read_embeddings_manifest(emb_dir)
+    mods = list(modalities) if modalities is not None else [
+        m for m in store.MODALITIES if m in manifest["modalities"]
+    ]  # fmt: skip
+    trained: dict[str, parts.TrainedMarker] = {}
+    for m in mods:
+        marker = parts.read_trained(out, m)
+        if marker is None:
+            raise parts.PartsError(
+                f"cannot merge the parts: {parts.marker_of(parts.trained_file(out, m))} is "
+                f"missing: part 0 has not trained the {m} quantizer (run --part 0/N first)"
+            )
+        trained[m] = marker
+    num_parts = next(iter(trained.values())).num_parts if trained else 1
+    config = _with_overrides(
+        base, kind, memory_budget, target_recall, base.num_shards or max(num_parts, 2), use_gpu
+    )
+    use = resolve_use_gpu(config.use_gpu)
+    inputs = _checked_inputs(emb_dir, config, mods, dict(held_out_queries or {}), log)
+    fingerprint = parts.emb_fingerprint(emb_dir, inputs.manifest)
+    shards: dict[str, list[parts.IndexPartMarker]] = {}
+    for m, marker in trained.items():
+        parts.check_trained(marker, out, num_parts, fingerprint, config)
+        shards[m] = parts.checked_part_files(out, marker)
+    gpu = GpuResources() if use else None
+
+    def merge_one(
+        m: str, source: VectorSource, queries: Queries, stage: Path
+    ) -> ModalityIndexEntry:
+        t0 = time.perf_counter()
+        plan = plan_index(source.count, source.dim, config)
+        if plan.factory != trained[m].factory:
+            raise parts.PartsError(f"[{m}] planned {plan.factory!r}, part 0 trained "
+                                   f"{trained[m].factory!r}")  # fmt: skip
+        fname, ivfdata = f"{m}.index", f"{m}.ivfdata"
+        files = [parts.parts_dir(out) / s.file for s in shards[m]]
+        trained_path = parts.trained_index_path(out, trained[m])
+        ntotal = merge.merge_on_disk(trained_path, files, stage / fname, stage / ivfdata)
+        if ntotal != source.count:
+            raise RuntimeError(f"merged {ntotal} {m} vectors, expected {source.count}")
+        log(f"[{m}] merged {num_parts} parts in {time.perf_counter() - t0:.1f} s")
+        index = faiss.read_index(
+            str(stage / fname), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        )
+        tuned = _tune(index, plan, source, queries, m, config, gpu, log)
+        del index  # release (and unmap) before hashing
+        devices = {trained[m].device, *(s.device for s in shards[m])}
+        return _entry(
+            stage, fname, [ivfdata], plan, tuned, queries, config,
+            train_sample=trained[m].train_sample,
+            num_shards=num_parts,
+            device=devices.pop() if len(devices) == 1 else "mixed",
+            # the compute the index took: training + every part + this merge and tuning
+            seconds=trained[m].train_seconds + sum(s.add_seconds for s in shards[m])
+            + time.perf_counter() - t0,
+        )  # fmt: skip
+
+    result = _run_staged(emb_dir, out, inputs, created_by, merge_one, log)
+    shutil.rmtree(parts.parts_dir(out), ignore_errors=True)  # merged: INDEX_DIR as one build's
+    return result

@@ -153,6 +153,29 @@ def _add_build(sub: Any) -> None:
         type=int,
         help="build IVF kinds in N shards merged into on-disk lists (default: one in-RAM build)",
     )
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
+        "--part",
+        type=_part,
+        metavar="I/N",
+        help="build only part I of N (SLURM array task / rank): part 0 trains the quantizer, the "
+        "others wait for it; each adds its share of the ids into OUT/parts/ (default: the whole "
+        "build in one process)",
+    )
+    split.add_argument(
+        "--merge-parts",
+        action="store_true",
+        help="merge the N parts of OUT/parts/ into OUT, the INDEX_DIR a one-machine "
+        "--num-shards N build writes (give it the parts' flags)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=7200.0,
+        metavar="S",
+        help="with --part I/N, I > 0: seconds to wait for part 0's trained quantizer "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--tune-queries",
         action="append",
@@ -167,6 +190,18 @@ def _add_build(sub: Any) -> None:
                      help="require FAISS GPU (default: the GPU when FAISS sees one)")  # fmt: skip
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false",
                      help="CPU only (default: the GPU when FAISS sees one)")  # fmt: skip
+
+
+def _part(value: str) -> tuple[int, int]:
+    """``I/N`` of ``--part`` (the convention of ``clipforge-data write --part``)."""
+    try:
+        i_str, n_str = value.split("/")
+        i, n = int(i_str), int(n_str)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part wants I/N (e.g. 3/8), got {value!r}") from None
+    if not (n > 0 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--part {value}: need 0 <= I < N")
+    return i, n
 
 
 def _add_search(sub: Any) -> None:
@@ -303,19 +338,40 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import run_build
+    from .build import run_build, run_build_part, run_merge_parts
+    from .plan import BuildConfig
 
-    run_build(
-        args.embeddings,
-        args.out,
+    common = dict(
         kind=args.kind,
         memory_budget=args.memory_budget,
         target_recall=args.target_recall,
         modalities=args.modalities,
-        num_shards=args.num_shards,
         held_out_queries=dict(args.tune_queries) or None,
         use_gpu=args.use_gpu,
+    )
+    if args.part is not None:
+        i, n = args.part
+        done = run_build_part(
+            args.embeddings, args.out, i, n, config=BuildConfig(num_shards=args.num_shards),
+            wait_timeout_s=args.wait_timeout, **common,
+        )  # fmt: skip
+        for m, marker in done.markers.items():
+            what = "added" if done.built[m] else "complete already, kept"
+            print(f"{m}: part {i}/{n}, ids [{marker.start}, {marker.stop}) {what}")
+        print(f"part {i}/{n} done; once all {n} are: {PROG} build ... --merge-parts")
+        return 0
+    if args.merge_parts:
+        run_merge_parts(
+            args.embeddings, args.out, config=BuildConfig(num_shards=args.num_shards),
+            created_by=f"{PROG} build", **common,
+        )  # fmt: skip
+        return 0
+    run_build(
+        args.embeddings,
+        args.out,
+        num_shards=args.num_shards,
         created_by=f"{PROG} build",
+        **common,
     )
     return 0
 

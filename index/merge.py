@@ -122,6 +122,10 @@ def merge_on_disk(
     merged_ivf.ntotal = merged.ntotal = ntotal
     merged_ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # type: ignore[attr-defined]  # the index owns the lists now
+    # Record the lists by file name only: readers resolve it next to the .index
+    # (IO_FLAG_ONDISK_SAME_DIR), so the .index holds no machine path, and merges done in
+    # different work folders (one machine, or --merge-parts) write byte-identical files.
+    ondisk.filename = ivfdata_path.name
     with atomic_output(index_path) as tmp:
         faiss.write_index(merged, str(tmp))
     del merged, shards
