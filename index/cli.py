@@ -166,7 +166,7 @@ def _add_build(sub: Any) -> None:
         "--merge-parts",
         action="store_true",
         help="merge the N parts of OUT/parts/ into OUT, the INDEX_DIR a one-machine "
-        "--num-shards N build writes (give it the parts' flags)",
+        "--num-shards N build writes (give it the parts' flags; default: no merge)",
     )
     p.add_argument(
         "--wait-timeout",
