@@ -33,6 +33,7 @@ import os
 import random
 import signal
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -346,15 +347,112 @@ class ReaderConfig:
 
 
 @dataclass(frozen=True)
+class ReaderPlan:
+    """What one reader (a rank's logical worker) reads in an exact pass that was re-split over
+    a new number of readers (a resume on another world size; see
+    :mod:`clipforge.data_tools.resplit`): first the rest of each earlier reader's stream it
+    inherited, then its share of the shards nobody had started, through its own shuffle
+    buffer."""
+
+    replays: tuple[Replay, ...] = ()
+    """Earlier readers' unfinished streams, replayed in this order."""
+    shards: tuple[str, ...] = ()
+    """Shards no earlier reader had opened, read after the replays."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The rest of an earlier reader's stream: its plan read again undecoded, with its own
+    shuffle seed (so its buffer yields the same order), minus the samples it had delivered."""
+
+    plan: ReaderPlan
+    """What the earlier reader read (its shards; or its own plan, re-split before)."""
+    seed: tuple[int, ...]
+    """The earlier reader's stream seed ``(seed, epoch, rank, worker)``."""
+    skip: int
+    """Raw samples it had delivered: dropped undecoded."""
+    pulled: int | None = None
+    """Raw samples it had pulled into its shuffle buffer (``skip`` + buffer size) when its
+    shards were cut to the ones it had opened: ``plan.shards`` must hold at least that many,
+    or the manifest counts the cut was made by were wrong (then a warning: the pass is no
+    longer exact). None: the plan is the earlier reader's whole list, nothing to check."""
+
+
+def plan_to_dict(plan: ReaderPlan) -> dict[str, Any]:
+    """Plain containers (what a checkpoint stores and ``torch.load(weights_only=True)`` reads)."""
+    return {
+        "replays": [
+            {
+                "plan": plan_to_dict(r.plan),
+                "seed": list(r.seed),
+                "skip": r.skip,
+                "pulled": r.pulled,
+            }
+            for r in plan.replays
+        ],
+        "shards": list(plan.shards),
+    }
+
+
+def plan_from_dict(d: dict[str, Any]) -> ReaderPlan:
+    """The inverse of :func:`plan_to_dict`."""
+    replays = tuple(
+        Replay(plan_from_dict(r["plan"]), tuple(r["seed"]), int(r["skip"]), r.get("pulled"))
+        for r in d.get("replays", ())
+    )
+    return ReaderPlan(replays, tuple(d.get("shards", ())))
+
+
+@dataclass(frozen=True)
 class StreamPosition:
     """Where a stream is: restart a :class:`ShardStream` from here to continue exactly."""
 
     epoch: int = 0
-    """Exact-pass epoch (or resampling round) being read."""
+    """Exact pass: the epoch being read. Resampled: the stream's round, 0 from the start and
+    the step of the resume whenever a resume on another world size re-seeded the streams."""
     consumed: tuple[int, ...] = ()
     """Per logical worker: raw samples (post-shuffle, pre-decode) behind its delivered batches."""
     next_worker: int = 0
     """The logical worker whose batch comes next (DataLoader workers take turns)."""
+    plans: tuple[tuple[int, tuple[ReaderPlan, ...]], ...] = ()
+    """Exact pass re-split over another world size: (epoch, one plan per logical worker) for
+    the epochs that are read by plan instead of by the usual shard split (empty: none)."""
+
+    def plan_for(self, epoch: int, worker: int) -> ReaderPlan | None:
+        """The plan of ``worker`` in ``epoch``, or None when that epoch splits as usual."""
+        for e, plans in self.plans:
+            if e == epoch:
+                return plans[worker]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers, for a checkpoint."""
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self.consumed),
+            "next_worker": self.next_worker,
+            "plans": [[e, [plan_to_dict(p) for p in ps]] for e, ps in self.plans],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamPosition:
+        """The inverse of :meth:`to_dict` (checkpoints older than ``plans`` have none)."""
+        plans = tuple(
+            (int(e), tuple(plan_from_dict(p) for p in ps)) for e, ps in d.get("plans", ())
+        )
+        return cls(int(d["epoch"]), tuple(d["consumed"]), int(d["next_worker"]), plans)
+
+
+def exact_pass_shards(
+    urls: Sequence[str], epoch: int, seed: int, shuffle_buffer: int, reader: int, readers: int
+) -> list[str]:
+    """The shards reader ``reader`` of ``readers`` (rank x workers + worker) reads in one
+    exact pass of ``epoch``: the shard order is shuffled per epoch (the same on every rank)
+    when samples are, then dealt out round-robin."""
+    ordered = list(urls)
+    if shuffle_buffer > 1:
+        random.Random(repr((seed, epoch))).shuffle(ordered)
+    return ordered[reader::readers]
 
 
 class ShardStream(IterableDataset):
@@ -416,10 +514,14 @@ class ShardStream(IterableDataset):
         rng = random.Random(repr(seed))
         skips = SkipCounter(self.config.on_error)
 
-        urls = self._shard_urls(rng, worker, num_workers, epoch)
         parent = None if info is None else (_PARENT if _PARENT is not None else os.getppid())
-        raw = self._read_shards(urls, skips, worker, parent)
-        raw = shuffle_buffer(raw, self.config.shuffle_buffer, rng)
+        plan = None if self.config.resampled else self.position.plan_for(epoch, worker)
+        if plan is not None:  # an exact pass re-split over this world size
+            raw = self._plan_samples(plan, seed, skips, worker, parent)
+        else:
+            urls = self._shard_urls(rng, worker, num_workers, epoch)
+            raw = self._read_shards(urls, skips, worker, parent)
+            raw = shuffle_buffer(raw, self.config.shuffle_buffer, rng)
         try:
             yield from self.batches(raw, skips, worker, consumed, seed)
         except ShardsUnreadableError as e:
@@ -469,10 +571,39 @@ class ShardStream(IterableDataset):
                 yield rng.choice(source.urls)
         urls = [u for s in self.sources for u in s.urls]
         check_exact_pass(len(urls), self.world_size, num_workers)
-        if self.config.shuffle_buffer > 1:
-            random.Random(repr((self.config.seed, epoch))).shuffle(urls)  # same on every rank
-        reader = self.rank * num_workers + worker
-        yield from urls[reader :: self.world_size * num_workers]
+        cfg = self.config
+        reader, readers = self.rank * num_workers + worker, self.world_size * num_workers
+        yield from exact_pass_shards(urls, epoch, cfg.seed, cfg.shuffle_buffer, reader, readers)
+
+    def _plan_samples(
+        self,
+        plan: ReaderPlan,
+        seed: tuple[int, ...],
+        skips: _Skips,
+        worker: int,
+        parent_pid: int | None,
+    ) -> Iterator[_RawSample]:
+        """Stages 2-3 of a re-split pass: the inherited streams, then the new shards through
+        this reader's own shuffle buffer (seeded by ``seed``)."""
+        for replay in plan.replays:
+            n = 0
+            inner = self._plan_samples(replay.plan, replay.seed, skips, worker, parent_pid)
+            for sample in inner:
+                n += 1
+                if n > replay.skip:  # delivered by the earlier reader: dropped undecoded
+                    yield sample
+            if replay.pulled is not None and n < replay.pulled:
+                warnings.warn(
+                    f"re-split exact pass: shards {list(replay.plan.shards)} held {n} samples, "
+                    f"fewer than the {replay.pulled} their manifest counts promised (a shard "
+                    "shorter than its manifest says): the earlier reader had gone on into the "
+                    "next shard, so up to that many samples of this epoch may be read twice or "
+                    "not at all; check the data with `clipforge-data verify SHARDS`",
+                    stacklevel=1,
+                )
+        rng = random.Random(repr(seed))
+        raw = self._read_shards(iter(plan.shards), skips, worker, parent_pid)
+        yield from shuffle_buffer(raw, self.config.shuffle_buffer, rng)
 
     def batches(
         self,
@@ -657,10 +788,16 @@ class ShardLoader:
             )
         self._next_worker = start.next_worker
         self._epoch = start.epoch
+        self._plans = start.plans
+        if any(len(plans) != n for _, plans in self._plans):
+            raise ValueError(
+                f"the saved data position holds re-split plans for another number of data "
+                f"workers than this loader's {n}"
+            )
 
     @property
     def position(self) -> StreamPosition:
-        return StreamPosition(self._epoch, tuple(self._consumed), self._next_worker)
+        return StreamPosition(self._epoch, tuple(self._consumed), self._next_worker, self._plans)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.set_position(self.position)
@@ -691,6 +828,11 @@ class ShardLoader:
             self._epoch += 1
             self._consumed = [0] * n
             self._next_worker = 0
+            self._plans = tuple((e, p) for e, p in self._plans if e >= self._epoch)
+
+    def planned(self, epoch: int) -> bool:
+        """``epoch`` is read by a re-split plan (in which a rank may have nothing to read)."""
+        return any(e == epoch for e, _ in self._plans)
 
 
 def make_loader(
@@ -731,6 +873,8 @@ __all__ = [
     "SKIP_REASONS",
     "DataError",
     "ReaderConfig",
+    "ReaderPlan",
+    "Replay",
     "ShardLoader",
     "ShardSource",
     "ShardSpecError",
@@ -739,8 +883,11 @@ __all__ = [
     "StreamPosition",
     "check_exact_pass",
     "count_samples",
+    "exact_pass_shards",
     "iter_tar_samples",
     "make_loader",
     "parse_shard_spec",
+    "plan_from_dict",
+    "plan_to_dict",
     "worker_dies_with_parent",
 ]

@@ -91,6 +91,11 @@ class DataConfig:
     caption_subsets: float = 0.0
     """Probability of replacing a tag-list caption ("name, tag, tag") by a random subset of its
     comma-separated parts, so that short queries are in distribution (0: captions as written)."""
+    allow_global_batch_change: bool = False
+    """On resume: take ``data.batch_size`` literally as the per-rank batch, so the global batch
+    becomes batch_size x the new world size (nothing else is scaled: not the learning rate, not
+    the schedule). Unset, a resume keeps the checkpoint's global batch: on another world size
+    each rank's batch becomes global / world size (refused when that does not divide)."""
 
     def __post_init__(self) -> None:
         subsets = self.caption_subsets
@@ -315,6 +320,7 @@ RESUME_MUTABLE = frozenset(
         "train.device",
         "train.precision",
         "train.accum_steps",
+        "data.allow_global_batch_change",  # (data.batch_size itself only with it set)
         "optim.lr",
         "optim.warmup_steps",
         "optim.schedule",

@@ -35,6 +35,7 @@ from clipforge.data_tools.reader import (
     make_loader,
     parse_shard_spec,
 )
+from clipforge.data_tools.resplit import reseed_resampled, resplit_exact_pass
 from clipforge.data_tools.transforms import CaptionPartsSubset, clip_image_transforms
 from clipforge.pretrain.checkpoint import (
     NoIntactCheckpoint,
@@ -174,6 +175,13 @@ class _Plan:
     """Settings that differ from the checkpoint's (all allowed on resume)."""
     last_loss: float = float("nan")
     """The last logged loss of a complete run (NaN otherwise)."""
+    batch_size: int = 0
+    """Samples per rank per step in this run (see :meth:`Trainer._batch_on_resume`)."""
+    positions: list[dict[str, Any]] | None = None
+    """Each new rank's data position when the checkpoint was written by another world size
+    (None: the checkpoint's own positions, one per rank)."""
+    world_change: dict[str, Any] | None = None
+    """What a resume on another world size changed (for the log and restarts.jsonl)."""
 
 
 class Trainer:
@@ -213,6 +221,7 @@ class Trainer:
         self._preflight()
         self.plan = self._make_plan()
         self.step, self.samples_seen = self.plan.step, self.plan.samples_seen
+        self.batch_size = self.plan.batch_size  # per rank: data.batch_size, or derived on resume
         if self.plan.complete:  # nothing is built: train() only reports (and exports if need be)
             return
         if eval_callback is None and tc.eval_callback:
@@ -248,7 +257,7 @@ class Trainer:
         if self.plan.complete:
             return self._already_complete()
         assert self.metrics is not None
-        global_batch = self.config.data.batch_size * self.info.world_size
+        global_batch = self.batch_size * self.info.world_size
         batches = self._batches()
         window = StepWindow()
         self.metrics.start_progress(self.step)
@@ -339,7 +348,8 @@ class Trainer:
         cfg, tc = self.config, self.config.train
         ckpt_dir = self.run_dir / "checkpoints"
         self._sweep_temp_files()
-        fresh = _Plan(None, 0, 0, False, schedule_state(initial_schedule(cfg)), {})
+        schedule0 = schedule_state(initial_schedule(cfg))
+        fresh = _Plan(None, 0, 0, False, schedule0, {}, batch_size=cfg.data.batch_size)
         if not tc.resume:
             found = list_checkpoints(ckpt_dir)
             if found:
@@ -361,6 +371,19 @@ class Trainer:
             if loss is None:
                 loss = float(state.get("last_loss", float("nan")))
             return _Plan(str(path), step, samples_seen, True, [], diffs, loss)
+        batch_size, world_change = self._batch_on_resume(path, state, saved)
+        positions = None
+        if world_change is not None:
+            positions, world_change["data"] = self._positions_on_new_world(state, step)
+            log.info(
+                "resuming %s, written by %d rank(s), on %d: per-rank batch %d -> %d (global "
+                "batch %d -> %d); %s",
+                path.name,
+                *world_change["world_size"],
+                *world_change["batch_size"],
+                *world_change["global_batch"],
+                world_change["data"],
+            )
         if "schedule" in state:
             schedule = schedule_from_state(state["schedule"])
         else:  # written before schedules were stored: the one its own config described
@@ -369,7 +392,88 @@ class Trainer:
         for key, (old, new) in diffs.items():
             if key not in SCHEDULE_KEYS and key != "train.extend_schedule":
                 log.info("resume changes %s: %r -> %r", key, old, new)
-        return _Plan(str(path), step, samples_seen, False, schedule_state(schedule), diffs)
+        return _Plan(
+            str(path),
+            step,
+            samples_seen,
+            False,
+            schedule_state(schedule),
+            diffs,
+            batch_size=batch_size,
+            positions=positions,
+            world_change=world_change,
+        )
+
+    def _batch_on_resume(
+        self, path: Path, state: dict[str, Any], saved: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | None]:
+        """This run's per-rank batch, and what a change of world size changed (None: none).
+
+        The global batch is the invariant of a run (it is what the learning rate and schedule
+        were set for): on another world size each rank's batch becomes global / world size,
+        and ``train.accum_steps`` still splits it (raise that to bound the memory of a bigger
+        per-rank batch). ``data.allow_global_batch_change=true`` takes ``data.batch_size``
+        literally instead; nothing else is scaled either way.
+        """
+        cfg, new_world = self.config, self.info.world_size
+        old_world = len(state["data_positions"])
+        saved_batch = int(saved.get("data", {}).get("batch_size", cfg.data.batch_size))
+        old_batch = int(state.get("batch_size", saved_batch))  # per rank, as it last trained
+        old_global = int(state.get("global_batch", old_batch * old_world))
+        if cfg.data.allow_global_batch_change:
+            batch = cfg.data.batch_size
+        elif old_global % new_world:
+            raise ConfigError(
+                f"{path} trained with a global batch of {old_global} ({old_world} rank(s) x "
+                f"{old_batch}), which {new_world} ranks cannot share evenly: resume on a "
+                f"world size that divides {old_global}, or set "
+                "data.allow_global_batch_change=true and the per-rank data.batch_size to "
+                "train with from now on"
+            )
+        else:
+            batch = old_global // new_world
+        accum = cfg.train.accum_steps
+        if batch % accum:
+            raise ConfigError(
+                f"resuming {path} on {new_world} rank(s) makes the per-rank batch {batch} "
+                f"(global batch {batch * new_world}), which train.accum_steps={accum} does not "
+                "divide: set train.accum_steps to a divisor of it"
+            )
+        if old_world == new_world and batch == old_batch:
+            return batch, None
+        change = {
+            "world_size": [old_world, new_world],
+            "batch_size": [old_batch, batch],
+            "global_batch": [old_global, batch * new_world],
+        }
+        return batch, change
+
+    def _positions_on_new_world(
+        self, state: dict[str, Any], step: int
+    ) -> tuple[list[dict[str, Any]] | None, str]:
+        """Each new rank's data position when the world size changed, and what was done."""
+        cfg, world = self.config, self.info.world_size
+        old = [StreamPosition.from_dict(p) for p in state["data_positions"]]
+        if len(old) == world:
+            return None, "data positions kept"
+        if cfg.data.resampled:
+            new = reseed_resampled(step, world, cfg.data.workers)
+            how = f"resampled streams re-seeded from (seed, step {step}, rank, worker)"
+        else:
+            new = resplit_exact_pass(
+                parse_shard_spec(cfg.data.train),
+                old,
+                seed=cfg.train.seed,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                world_size=world,
+                workers=cfg.data.workers,
+            )
+            epochs = [e for e, _ in new[0].plans]
+            how = (
+                f"exact pass: the rest of epoch(s) {epochs} re-split over {world} rank(s) x "
+                f"{max(cfg.data.workers, 1)} worker(s), each sample still read once"
+            )
+        return [p.to_dict() for p in new], how
 
     def _sweep_temp_files(self) -> None:
         """Remove the temp files of writes that a killed run left (never a finished file)."""
@@ -387,17 +491,14 @@ class Trainer:
     ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
         """The checkpoint's saved config and the settings that differ from it; raises when the
         resume would not continue the same run (another world size, a refused change)."""
-        positions = state["data_positions"]
-        if len(positions) != self.info.world_size:
-            raise ConfigError(
-                f"{path} was written by {len(positions)} ranks; resuming "
-                f"with {self.info.world_size} would not continue the same data"
-            )
         saved: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
         if not saved:
             log.warning("%s records no config: the resume cannot check its settings", path)
         diffs = config_differences(saved, self.config) if saved else {}
-        refused = {k: v for k, v in diffs.items() if k not in RESUME_MUTABLE}
+        mutable = RESUME_MUTABLE
+        if self.config.data.allow_global_batch_change:
+            mutable = mutable | {"data.batch_size"}
+        refused = {k: v for k, v in diffs.items() if k not in mutable}
         if refused:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
             raise ConfigError(
@@ -449,7 +550,7 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.model.name)
         # drop_last: every rank's batch must have the same size for the gathered loss.
         reader = ReaderConfig(
-            batch_size=cfg.data.batch_size,
+            batch_size=self.batch_size,
             resampled=cfg.data.resampled,
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed,
@@ -475,10 +576,12 @@ class Trainer:
         """Endless batches: a new exact pass starts when one ends."""
         while True:
             empty = True
+            # a pass re-split over a new world size may leave a rank nothing in that epoch
+            planned = self.loader.planned(self.loader.position.epoch)
             for batch in self.loader:
                 empty = False
                 yield batch
-            if empty:
+            if empty and not planned:
                 raise TrainingAborted(
                     f"data.train {self.config.data.train!r} yielded no "
                     f"samples on rank {self.info.rank} (skipped: "
@@ -504,8 +607,8 @@ class Trainer:
                 self.step,
                 self.samples_seen,
             )
-        p = state["data_positions"][self.info.rank]
-        return StreamPosition(p["epoch"], tuple(p["consumed"]), p["next_worker"])
+        positions = self.plan.positions or state["data_positions"]
+        return StreamPosition.from_dict(positions[self.info.rank])
 
     def _record_start(self) -> None:
         """Now that the start is sure: config.yaml, metrics.jsonl cut back to the checkpoint
@@ -529,7 +632,11 @@ class Trainer:
                 "changed": {
                     k: list(v) for k, v in self.plan.changes.items() if k != "train.run_dir"
                 },
+                "batch_size": self.batch_size,
+                "global_batch": self.batch_size * self.info.world_size,
             }
+            if self.plan.world_change is not None:
+                record["world_change"] = self.plan.world_change
             append_jsonl(self.run_dir / RESTARTS_NAME, record)
         barrier(self.info)
 
@@ -692,6 +799,8 @@ class Trainer:
                 "last_loss": mean_loss,
                 "rng": rng_state(),
                 "data_positions": positions,
+                "batch_size": self.batch_size,  # per rank (data.batch_size, or derived)
+                "global_batch": self.batch_size * self.info.world_size,
                 "model_cfg": self.model_cfg,
                 "preprocess_cfg": _plain(self.preprocess_cfg),
                 "config": self.config.to_dict(),
@@ -760,11 +869,7 @@ def _gather_hosts(info: DistInfo) -> list[str]:
 
 
 def _gather_positions(position: StreamPosition, info: DistInfo) -> list[dict[str, Any]]:
-    mine = {
-        "epoch": position.epoch,
-        "consumed": list(position.consumed),
-        "next_worker": position.next_worker,
-    }
+    mine = position.to_dict()
     if not info.distributed:
         return [mine]
     import torch.distributed as dist

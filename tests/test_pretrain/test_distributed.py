@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.pretrain.cli import main
 from clipforge.pretrain.distributed import detect_launch
 from clipforge.pretrain.models import read_state_dict
 from tests.ports import free_port
@@ -56,9 +55,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-def test_fsdp_equals_ddp_and_resumes_exactly(
-    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_fsdp_equals_ddp_and_resumes_exactly(demo: Path, tmp_path: Path) -> None:
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(demo, ddp, fsdp=False, steps=6)
     _torchrun(demo, fsdp, fsdp=True, steps=3)
@@ -79,10 +76,4 @@ def test_fsdp_equals_ddp_and_resumes_exactly(
     for name in w_ddp:
         torch.testing.assert_close(w_fsdp[name], w_ddp[name], rtol=1e-4, atol=2e-5, msg=name)
 
-    # a checkpoint of 2 ranks does not silently resume on 1 (its data position would not fit)
-    one_rank = [
-        "--config", "tiny", "--set", f"data.train={demo}", "--set", f"train.run_dir={ddp}",
-        "--set", "train.steps=9", "--set", "train.progress=lines",
-    ]  # fmt: skip
-    assert main(one_rank) == 2
-    assert "written by 2 ranks; resuming with 1" in capsys.readouterr().err
+    # (resuming a 2-rank checkpoint on 1 process, or 1 on 2: tests/test_pretrain/test_elastic.py)
