@@ -579,7 +579,7 @@ class ShardStream(IterableDataset):
         self,
         plan: ReaderPlan,
         seed: tuple[int, ...],
-        skips: _Skips,
+        skips: SkipCounter,
         worker: int,
         parent_pid: int | None,
     ) -> Iterator[_RawSample]:
