@@ -237,6 +237,11 @@ class TrainConfig:
     line ``--set train.eval.NAME.KEY=VALUE`` sets one key of the set NAME (added if new)."""
     max_nonfinite: int = 5
     """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    collective_timeout_s: int = 600
+    """Seconds any collective (all-reduce, all-gather, broadcast, barrier; gloo and NCCL) may
+    wait for a peer before it fails, so a dead or hung peer stops the job (and ``torchrun
+    --max-restarts`` restarts it) instead of hanging it forever. Give checkpoint saves and the
+    first step's compilation room: 10 min by default."""
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the ``tensorboard`` package)."""
     progress: Literal["auto", "bar", "lines"] = "auto"
@@ -255,6 +260,12 @@ class TrainConfig:
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "> 0", self.keep_checkpoints)
         _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
         _check(self.max_nonfinite > 0, "train.max_nonfinite", "> 0", self.max_nonfinite)
+        _check(
+            self.collective_timeout_s > 0,
+            "train.collective_timeout_s",
+            "> 0",
+            self.collective_timeout_s,
+        )
         names = [s.name for s in self.eval]
         repeated = sorted({n for n in names if names.count(n) > 1})
         _check(not repeated, "train.eval names", "unique", repeated)
@@ -315,6 +326,7 @@ RESUME_MUTABLE = frozenset(
         "train.eval_callback",
         "train.eval",  # what is measured during training, not what is trained
         "train.max_nonfinite",
+        "train.collective_timeout_s",
         "train.tensorboard",
         "train.progress",
         "train.device",

@@ -56,11 +56,16 @@ def detect_launch() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Initialise the process group when launched with several processes.
 
     NCCL when this rank computes on CUDA, gloo on CPU. Under SLURM without torchrun,
     MASTER_ADDR must be exported by the sbatch script (the README shows how).
+
+    ``timeout_s`` bounds every collective: gloo raises in the waiting rank; NCCL's watchdog
+    aborts the communicator and ends the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by
+    default in the torch this project pins), so a dead peer ends the job instead of hanging it,
+    and a launcher with restarts left (``torchrun --max-restarts``) starts the group again.
     """
     rank, world, local_rank = detect_launch()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -86,14 +91,29 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
                 "a multi-process launch without MASTER_ADDR: use torchrun, or export "
                 "MASTER_ADDR (the first node's host name) in the SLURM script"
             )
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend,
+            store=_attempt_store(timeout),
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if use_cuda else None,
         )
     return DistInfo(rank, world, local_rank, dev, backend)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The env:// rendezvous store, under a prefix of its own for each torchrun restart.
+
+    A restarted group may meet in the same store as the one that died (the agent's): the dead
+    ranks' keys (gloo's listening addresses among them) would be read as the new ranks', and
+    the new group's connect fails ("connection refused") or hangs. A fresh prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) keeps each attempt's keys apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"clipforge/attempt-{attempt}", store)
 
 
 def all_reduce_max(value: float, info: DistInfo) -> float:

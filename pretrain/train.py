@@ -135,7 +135,7 @@ class TrainResult:
 
 def train(config: Config, eval_callback: EvalCallback | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns when ``train.steps`` are done."""
-    info = init_distributed(config.train.device)
+    info = init_distributed(config.train.device, timeout_s=config.train.collective_timeout_s)
     try:
         trainer = Trainer(config, info, eval_callback)
         try:
@@ -289,6 +289,7 @@ class Trainer:
                     self._evaluate()
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                     self._save_checkpoint(loss)
+                _crash_once_if_asked(self.step, self.info.rank)
         finally:
             batches.close()  # the data workers stop now, also when a step fails
         model_dir = self._export()
@@ -634,6 +635,7 @@ class Trainer:
                 },
                 "batch_size": self.batch_size,
                 "global_batch": self.batch_size * self.info.world_size,
+                **_launcher_restarts(),
             }
             if self.plan.world_change is not None:
                 record["world_change"] = self.plan.world_change
@@ -838,6 +840,35 @@ class Trainer:
         if error:
             raise TrainingAborted(error)
         return out
+
+
+CRASH_ENV = "CLIPFORGE_TEST_CRASH_ONCE"
+"""Tests only: ``RANK:STEP:MARKER_FILE`` makes that rank's process ``os._exit(1)`` after that
+step, once (the marker file records that it happened), as a lost node would."""
+
+
+def _crash_once_if_asked(step: int, rank: int) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    crash_rank, crash_step, marker = spec.split(":", 2)
+    if (int(crash_rank), int(crash_step)) != (rank, step) or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"rank {rank} exited after step {step}\n")
+    log.warning("%s: rank %d exits after step %d", CRASH_ENV, rank, step)
+    os._exit(1)
+
+
+def _launcher_restarts() -> dict[str, int]:
+    """How many times the launcher restarted this job (torchrun's elastic agent, SLURM's
+    requeue), as it tells its processes."""
+    found = {}
+    for key, env in (("torchrun_restarts", "TORCHELASTIC_RESTART_COUNT"),
+                     ("slurm_restarts", "SLURM_RESTART_COUNT")):  # fmt: skip
+        value = os.environ.get(env, "")
+        if value.isdigit():
+            found[key] = int(value)
+    return found
 
 
 def _export_matches(model_dir: Path, weights: dict[str, torch.Tensor]) -> bool:
