@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -91,36 +89,13 @@ def encode_latency_ms(index: Path, export: Path, encoder: str, repeats: int) -> 
 @contextlib.contextmanager
 def service(index: Path, export: Path, encoder: str, timeout_s: float = 300) -> Iterator[str]:
     """``clipforge-index serve --query-encoder ENCODER`` on a free loopback port; its URL."""
-    with socket.socket() as s:  # a free loopback port: bound, read, released
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    cmd = [sys.executable, "-m", "clipforge.index", "serve", "--index", str(index),
-           "--port", str(port), "--query-encoder", encoder]  # fmt: skip
+    from clipforge.index.loadtest import started_service
+
+    extra = ["--query-encoder", encoder]
     if encoder != "torch":
-        cmd += ["--onnx-export", str(export)]
-    print(f"starting: {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                output = proc.stdout.read() if proc.stdout else ""
-                raise SystemExit(f"the service exited ({proc.returncode}):\n{output}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the service did not answer {url}/health in {timeout_s} s")
-            time.sleep(0.25)
+        extra += ["--onnx-export", str(export)]
+    with started_service(str(index), timeout_s=timeout_s, extra_args=extra) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def hits_of(url: str, queries: Sequence[str], k: int = 10) -> list[list[int]]:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,16 +257,19 @@ def started_service(
     timeout_s: float = 180.0,
     log: Callable[[str], None] = print,
     api_key_file: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """``clipforge-index serve`` for ``index_dir`` in a child process on a free loopback port
     (its own process, so the load generator does not share its interpreter); yields its URL.
-    ``api_key_file``: the service requires that key (``$CLIPFORGE_API_KEY`` is inherited)."""
+    ``api_key_file``: the service requires that key (``$CLIPFORGE_API_KEY`` is inherited);
+    ``extra_args``: more ``serve`` flags (e.g. ``--query-encoder onnx --onnx-export DIR``)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "clipforge.index", "serve", "--index", os.fspath(index_dir),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     if api_key_file is not None:
         cmd += ["--api-key-file", os.fspath(api_key_file)]
+    cmd += list(extra_args)
     log(f"starting the service: {' '.join(cmd[2:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
