@@ -8,22 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from clipforge.data_tools.cliutil import DefaultsHelpFormatter, subparser_class
+from clipforge.data_tools.cliutil import DefaultsHelpFormatter, part_arg, subparser_class
 from clipforge.data_tools.images import IMAGE_FORMATS, RESIZE_MODES
 from clipforge.data_tools.reader import ShardSpecError
 from clipforge.data_tools.shardformat import ManifestError
 from clipforge.data_tools.sources import SourceError
-
-
-def _part(value: str) -> tuple[int, int]:
-    try:
-        i_str, n_str = value.split("/")
-        i, n = int(i_str), int(n_str)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--part wants I/N (e.g. 3/8), got {value!r}") from None
-    if not (n > 0 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--part {value}: need 0 <= I < N")
-    return i, n
 
 
 def _rgb(value: str) -> tuple[int, int, int]:
@@ -105,7 +94,7 @@ def _add_write_parser(w: argparse.ArgumentParser) -> None:
     w.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
     w.add_argument(
         "--part",
-        type=_part,
+        type=part_arg,
         default=(0, 1),
         metavar="I/N",
         help="write only the I-th of N disjoint slices (SLURM arrays, ranks); default 0/1: all",

@@ -29,4 +29,17 @@ def subparser_class() -> Any:
     return functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
 
 
-__all__ = ["DefaultsHelpFormatter", "subparser_class"]
+def part_arg(value: str) -> tuple[int, int]:
+    """``I/N`` of a ``--part`` option (0 <= I < N): the slice of a job that one SLURM array task
+    or rank does, for ``clipforge-data write`` and ``clipforge-index build`` alike."""
+    try:
+        i_str, n_str = value.split("/")
+        i, n = int(i_str), int(n_str)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part wants I/N (e.g. 3/8), got {value!r}") from None
+    if not (n > 0 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--part {value}: need 0 <= I < N")
+    return i, n
+
+
+__all__ = ["DefaultsHelpFormatter", "part_arg", "subparser_class"]

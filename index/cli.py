@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from clipforge.data_tools.cliutil import part_arg
+
 PROG = "clipforge-index"
 
 
@@ -156,7 +158,7 @@ def _add_build(sub: Any) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument(
         "--part",
-        type=_part,
+        type=part_arg,
         metavar="I/N",
         help="build only part I of N (SLURM array task / rank): part 0 trains the quantizer, the "
         "others wait for it; each adds its share of the ids into OUT/parts/ (default: the whole "
@@ -190,18 +192,6 @@ def _add_build(sub: Any) -> None:
                      help="require FAISS GPU (default: the GPU when FAISS sees one)")  # fmt: skip
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false",
                      help="CPU only (default: the GPU when FAISS sees one)")  # fmt: skip
-
-
-def _part(value: str) -> tuple[int, int]:
-    """``I/N`` of ``--part`` (the convention of ``clipforge-data write --part``)."""
-    try:
-        i_str, n_str = value.split("/")
-        i, n = int(i_str), int(n_str)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--part wants I/N (e.g. 3/8), got {value!r}") from None
-    if not (n > 0 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--part {value}: need 0 <= I < N")
-    return i, n
 
 
 def _add_search(sub: Any) -> None:
