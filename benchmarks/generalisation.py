@@ -276,8 +276,12 @@ def build_test_sets(train_dir: Path, twitter_tgz: Path, out: Path) -> TestSets:
             noto_png = tmp / "noto" / f"{i:06d}.png"
             with Image.open(io.BytesIO(s.image)) as img:
                 img.save(noto_png)
-            common = {"caption": s.name, "name": s.name, "unified": s.unified}
-            common["category"] = s.category
+            common = {
+                "caption": s.name,
+                "name": s.name,
+                "unified": s.unified,
+                "category": s.category,
+            }
             # paths relative to the tables' folder: the .json's "source" names no temp dir
             noto_rows.append({"image": noto_png.relative_to(tmp).as_posix(), **common})
             twemoji_rows.append(
