@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clipforge.eval.demo import EXAMPLE_QUERIES, main
+from clipforge.eval.demo import EXAMPLE_QUERIES, FREE_FORM_QUERIES, main
 
 
 def _hits(out: str) -> dict[str, list[str]]:
@@ -50,8 +50,15 @@ def test_demo_on_a_trained_run_then_everything_reused(
     assert exact["queries"] == 1911 and exact["R@10"] > 0.6, exact  # measured ~0.96
     via_index = report["metrics"]["index"]["text_to_image"]
     assert via_index["R@10"] == pytest.approx(exact["R@10"], abs=0.01)  # a flat index is exact
+    names = report["metrics"]["exact"]["name_to_image"]  # each emoji's name alone as the query
+    assert names["queries"] == 1911 and names["R@10"] > 0.3, names
+    assert "name to image" in first
+    assert "querying by the emoji's name alone (1911 names against every image): R@1 " in first
     hits = _hits(first)
-    assert list(hits) == list(EXAMPLE_QUERIES) and all(len(h) == 5 for h in hits.values())
+    assert list(hits) == [*EXAMPLE_QUERIES, *FREE_FORM_QUERIES]
+    assert all(len(h) == 5 for h in hits.values())
+    free_form = first.split("free-form queries: no emoji is named like this")[1]
+    assert all(f'"{q}"' in free_form for q in FREE_FORM_QUERIES)
     assert (out / "index" / "index.json").is_file()
 
     ckpt_times = {p: p.stat().st_mtime_ns for p in (out / "run" / "checkpoints").iterdir()}
@@ -72,7 +79,7 @@ def test_demo_from_scratch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "trained to step 3" in text
     assert (out / "run" / "model" / "open_clip_config.json").is_file()
     assert (out / "run" / "checkpoints" / "step-3.pt").is_file()
-    assert len(_hits(text)) == len(EXAMPLE_QUERIES)
+    assert len(_hits(text)) == len(EXAMPLE_QUERIES) + len(FREE_FORM_QUERIES)
     assert "R@1" in text and (out / "retrieval.json").is_file()
 
     # A longer --steps on the finished run bends its schedule: refused in the demo's own flags
