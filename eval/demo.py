@@ -88,7 +88,8 @@ class DemoConfig:
     scales with the run length."""
     init_logit_scale: float = 3.912
     """Initial log inverse temperature of the contrastive loss: ln(50), temperature 0.02 (CLIP
-    starts at 0.07, which a 2-minute run does not get far from: name R@1 0.755 -> 0.766)."""
+    starts at 0.07, which a 2-minute run does not get far from: name R@1 0.755 -> 0.766; 0.01,
+    with more bare names, fell to 0.64)."""
     checkpoint_every: int = 100
     """Steps between checkpoints: an interrupted run loses at most this many steps."""
     extend_schedule: str = ""
