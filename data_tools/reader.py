@@ -464,6 +464,8 @@ class ShardStream(IterableDataset):
     previous batch of this worker), ``worker`` and ``consumed`` (for :class:`StreamPosition`).
     In a DataLoader worker, :class:`ShardsUnreadableError` arrives as a last batch holding its
     message under ``error`` (which :class:`ShardLoader` raises), not as a wrapped traceback.
+    ``caption_transform(caption, meta)`` rewrites each caption, given the sample's parsed .json
+    (None when absent), e.g. :class:`clipforge.data_tools.transforms.CaptionPartsSubset`.
     """
 
     def __init__(
@@ -476,7 +478,7 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         position: StreamPosition = StreamPosition(),
-        caption_transform: Callable[[str], str] | None = None,
+        caption_transform: Callable[[str, Any], str] | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -668,14 +670,14 @@ class ShardStream(IterableDataset):
         # (The CPU generator only: torch.manual_seed also queues a CUDA seeding, ~1 ms a call.)
         torch.default_generator.manual_seed(_stable_seed(*seed, n_raw))
         image = self.image_transform(img)
-        if self.caption_transform is not None:  # same per-sample seed: exact on resume too
-            caption = self.caption_transform(caption)
         meta = None
         if "json" in sample.members:
             try:
                 meta = json.loads(sample.members["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 meta = None
+        if self.caption_transform is not None:  # same per-sample seed: exact on resume too
+            caption = self.caption_transform(caption, meta)
         return image, caption, sample.key, sample.url, meta
 
     def _collate(
@@ -846,7 +848,7 @@ def make_loader(
     world_size: int = 1,
     position: StreamPosition = StreamPosition(),
     pin_memory: bool = False,
-    caption_transform: Callable[[str], str] | None = None,
+    caption_transform: Callable[[str, Any], str] | None = None,
 ) -> ShardLoader:
     """Build the standard loader for a SHARDS specification (see :func:`parse_shard_spec`)."""
     stream = ShardStream(

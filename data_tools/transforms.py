@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,24 +91,60 @@ class ClipSampleTransform:
 @dataclass(frozen=True)
 class CaptionPartsSubset:
     """Caption augmentation for tag-list captions (``"cat face, animal, pet"``): with probability
-    ``prob``, keep a random non-empty subset of the comma-separated parts, in order.
+    ``name_only`` the caption becomes its name alone, with probability ``prob`` a random
+    non-empty subset of its comma-separated parts, in order; otherwise it stays as written.
 
     A model trained on whole tag lists only has never seen a short query such as "cat face";
     sampling k of the n parts (k uniform in 1..n, then which k uniformly) shows it the name
-    alone, single tags and every mixture. Captions with one part are returned unchanged.
+    alone, single tags and every mixture. Subsets show the bare name rarely (1/n^2 of them), so
+    a model that must answer names needs ``name_only`` too. Captions with one part are returned
+    unchanged.
+
+    The name is the caption's first part, or, with ``name_field``, that field of the sample's
+    .json when the caption starts with it: names may hold commas ("kiss: woman, man"), which
+    then stay one part instead of being cut.
     """
 
     prob: float
-    """Probability that a caption with several parts is replaced by a subset."""
+    """Probability that a caption with several parts is replaced by a subset of them."""
+    name_only: float = 0.0
+    """Probability that a caption with several parts is replaced by its name alone
+    (``prob + name_only`` <= 1)."""
+    name_field: str = ""
+    """Field of the sample's .json holding the name the caption starts with ("" : the first
+    comma-separated part is the name)."""
 
-    def __call__(self, caption: str) -> str:
-        parts = [p.strip() for p in caption.split(",") if p.strip()]
+    def __post_init__(self) -> None:
+        if not (0 <= self.prob <= 1 and 0 <= self.name_only <= 1):
+            raise ValueError(
+                f"caption probabilities must be in [0, 1], got prob={self.prob}, "
+                f"name_only={self.name_only}"
+            )
+        if self.prob + self.name_only > 1 + 1e-9:
+            raise ValueError(f"prob + name_only must be <= 1, got {self.prob} + {self.name_only}")
+
+    def parts(self, caption: str, meta: Any = None) -> list[str]:
+        """The caption's parts, the name first (one part even if it holds commas)."""
+        name = meta.get(self.name_field) if self.name_field and isinstance(meta, dict) else None
+        head: list[str] = []
+        rest = caption
+        if isinstance(name, str) and name.strip() and caption.startswith(name.strip()):
+            tail = caption[len(name.strip()) :]
+            if not tail.strip() or tail.lstrip().startswith(","):
+                head, rest = [name.strip()], tail
+        return head + [p.strip() for p in rest.split(",") if p.strip()]
+
+    def __call__(self, caption: str, meta: Any = None) -> str:
+        parts = self.parts(caption, meta)
         if len(parts) < 2:
             return caption
         # The reader seeds torch's generator per sample position (see ClipSampleTransform); a
         # string seed gives this transform its own stream, independent of the crop's.
         rng = random.Random(f"caption:{torch.initial_seed()}")
-        if rng.random() >= self.prob:
+        draw = rng.random()
+        if draw < self.name_only:
+            return parts[0]
+        if draw >= self.name_only + self.prob:
             return caption
         keep = sorted(rng.sample(range(len(parts)), rng.randint(1, len(parts))))
         return ", ".join(parts[i] for i in keep)

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure R@K through this built index (beside the exact figure)",
     )
     r.add_argument(
+        "--query-field",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="also query the images by this .json field of each (e.g. name: the emoji demo's "
+        "name-only figures, direction FIELD_to_image); repeatable",
+    )
+    r.add_argument(
         "--query-block", type=int, default=1024, help="queries scored per block (memory bound)"
     )
     r.add_argument(
@@ -264,7 +272,15 @@ def _evaluate(args: argparse.Namespace, command: list[str]) -> int:
             if cfg.query_block < 1 or cfg.cand_block < 1:
                 raise ValueError("--query-block and --cand-block must be >= 1")
             result = run_retrieval(
-                args.model, args.data, info, data_cfg, cfg, args.model_name, args.index, command
+                args.model,
+                args.data,
+                info,
+                data_cfg,
+                cfg,
+                args.model_name,
+                args.index,
+                command,
+                query_fields=tuple(args.query_field),
             )
         else:
             from clipforge.eval.zeroshot import ZeroShotConfig

@@ -82,6 +82,9 @@ class EmbeddedSet:
     """Samples read (over all ranks)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples skipped by the reader, by reason (over all ranks)."""
+    image_metas: list[Any] = field(default_factory=list)
+    """Per image row: the .json of its (first) sample, None where absent (query fields such as
+    an emoji's ``name``; see :func:`clipforge.eval.retrieval.evaluate_field_queries`)."""
 
 
 def lookup(meta: Any, path: str) -> Any:
@@ -451,4 +454,5 @@ def embed_eval_set(
         captions=captions,
         samples=len(rows.keys),
         skipped=dict(rows.skipped),
+        image_metas=[rows.metas[i] for i in image_rows],
     )

@@ -122,7 +122,9 @@ def format_retrieval(metrics: dict[str, Any]) -> str:
     index = metrics.get("index", {})
     header = ["direction", *[f"R@{k}" for k in ks], "mean rank", "median rank", "queries", "tied"]
     rows = []
-    for d in ("text_to_image", "image_to_text"):
+    # the two caption directions first, then any queried by a .json field ("name_to_image")
+    extra = sorted(d for d in exact if d.endswith("_to_image") and d != "text_to_image")
+    for d in ("text_to_image", "image_to_text", *extra):
         m = exact.get(d)
         if not isinstance(m, dict):
             continue

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from clipforge.eval.data import EmbeddedSet, EvalDataError, all_gather_rows
+from clipforge.eval.data import EmbeddedSet, EvalDataError, all_gather_rows, embed_texts, lookup
 from clipforge.eval.metrics import (
     Ranks,
     blocked_ranks,
@@ -101,6 +102,59 @@ def evaluate_retrieval(
     """Recall@K, mean/median rank, tie counts and bounds for both directions."""
     ranks = retrieval_ranks(emb, info, cfg)
     return {d: retrieval_metrics(ranks[d], cfg.ks) for d in DIRECTIONS}
+
+
+def field_query_direction(query_field: str) -> str:
+    """The metrics key of text -> image retrieval queried by a .json field (``name_to_image``)."""
+    return f"{query_field}_to_image"
+
+
+def field_query_texts(emb: EmbeddedSet, query_field: str) -> list[str]:
+    """Per image row: the text of ``query_field`` (a dotted path) in its sample's .json.
+
+    Every image must have one (a non-empty string): a query set with holes would report
+    figures over fewer queries than images without saying so."""
+    texts = []
+    metas = emb.image_metas or [None] * len(emb.image_keys)
+    for key, meta in zip(emb.image_keys, metas, strict=True):
+        value = lookup(meta, query_field)
+        if not isinstance(value, str) or not value.strip():
+            raise EvalDataError(
+                f"sample {key}: its .json has no text field {query_field!r} to query by "
+                f"(found {value!r})"
+            )
+        texts.append(value.strip())
+    return texts
+
+
+def evaluate_field_queries(
+    emb: EmbeddedSet,
+    model: nn.Module,
+    tokenizer: Any,
+    query_field: str,
+    info: DistInfo,
+    cfg: RetrievalConfig = RetrievalConfig(),
+    batch_size: int = 256,
+    precision: str = "fp32",
+) -> dict[str, float | int]:
+    """Text -> image figures with one field of each image's .json as its query (the emoji
+    demo's ``name``: "cat face" against every image, without the caption's tags).
+
+    One query per image row; its positives are the images whose field has the same text (an
+    image with a unique name has one). Same metrics as :func:`evaluate_retrieval`."""
+    texts = field_query_texts(emb, query_field)
+    n = len(texts)
+    # Each rank embeds a contiguous slice of the queries, gathered back in order.
+    lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
+    # the model sits on this rank's device (cfg.device only places the similarity blocks)
+    local = embed_texts(model, tokenizer, texts[lo:hi], batch_size, info.device, precision)
+    if local.numel() == 0:
+        local = torch.zeros(0, emb.image_emb.shape[1])
+    queries = all_gather_rows(local, info)  # (n, D) unit rows, query i = image row i's field
+    first_row: dict[str, int] = {}
+    groups = torch.tensor([first_row.setdefault(t, i) for i, t in enumerate(texts)])  # (n,)
+    ranks = distributed_ranks(queries, emb.image_emb, groups, groups, info, cfg)
+    return retrieval_metrics(ranks, cfg.ks)
 
 
 def flat_metrics(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:

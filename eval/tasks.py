@@ -24,7 +24,13 @@ from clipforge.eval.data import (
     label_field_of,
 )
 from clipforge.eval.report import make_report
-from clipforge.eval.retrieval import RetrievalConfig, evaluate_retrieval, index_retrieval
+from clipforge.eval.retrieval import (
+    RetrievalConfig,
+    evaluate_field_queries,
+    evaluate_retrieval,
+    field_query_direction,
+    index_retrieval,
+)
 from clipforge.eval.zeroshot import (
     ZeroShotConfig,
     build_classifier,
@@ -54,8 +60,11 @@ def run_retrieval(
     model_name: str | None = None,
     index_dir: str | None = None,
     command: list[str] | None = None,
+    query_fields: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Retrieval figures of ``model`` on ``data`` (exact, and through ``index_dir`` if given)."""
+    """Retrieval figures of ``model`` on ``data`` (exact, and through ``index_dir`` if given);
+    each of ``query_fields`` (a .json field such as ``name``) adds an exact text -> image
+    direction queried by that field of every image (``metrics["exact"]["name_to_image"]``)."""
     data_cfg = data_cfg or EvalDataConfig()
     cfg = cfg or RetrievalConfig()
     t0 = time.perf_counter()
@@ -64,7 +73,18 @@ def run_retrieval(
     emb = embed_eval_set(
         loaded.model, loaded.tokenizer, loaded.image_transforms(), data, data_cfg, info
     )
-    exact = evaluate_retrieval(emb, info, cfg)
+    exact: dict[str, Any] = dict(evaluate_retrieval(emb, info, cfg))
+    for query_field in query_fields:
+        exact[field_query_direction(query_field)] = evaluate_field_queries(
+            emb,
+            loaded.model,
+            loaded.tokenizer,
+            query_field,
+            info,
+            cfg,
+            data_cfg.batch_size,
+            data_cfg.precision,
+        )
     metrics: dict[str, Any] = {"exact": exact}
     if index_dir is not None:
         metrics["index"] = index_retrieval(emb, index_dir, cfg.ks, loaded.model_hash)
@@ -84,6 +104,7 @@ def run_retrieval(
         {
             "data": dataclasses.asdict(data_cfg),
             "retrieval": dataclasses.asdict(cfg),
+            "query_fields": list(query_fields),
             "world_size": info.world_size,
         },
         command,

@@ -91,6 +91,14 @@ class DataConfig:
     caption_subsets: float = 0.0
     """Probability of replacing a tag-list caption ("name, tag, tag") by a random subset of its
     comma-separated parts, so that short queries are in distribution (0: captions as written)."""
+    caption_name_only: float = 0.0
+    """Probability of replacing a tag-list caption by its name alone ("cat face"): the query a
+    user types most, which subsets show in only ~1/n^2 of their draws (``caption_subsets +
+    caption_name_only`` <= 1; the rest of the captions stay as written)."""
+    caption_name_field: str = ""
+    """Field of each sample's .json holding the name its caption starts with (the demo's
+    ``name``): such a name stays one part when it holds commas ("kiss: woman, man"). "": the
+    caption's first comma-separated part is the name."""
     allow_global_batch_change: bool = False
     """On resume: take ``data.batch_size`` literally as the per-rank batch, so the global batch
     becomes batch_size x the new world size (nothing else is scaled: not the learning rate, not
@@ -100,6 +108,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         subsets = self.caption_subsets
         _check(0 <= subsets <= 1, "data.caption_subsets", "in [0, 1]", subsets)
+        name_only = self.caption_name_only
+        _check(0 <= name_only <= 1, "data.caption_name_only", "in [0, 1]", name_only)
+        _check(
+            subsets + name_only <= 1,
+            "data.caption_subsets + data.caption_name_only",
+            "<= 1",
+            subsets + name_only,
+        )
         _check(self.batch_size > 0, "data.batch_size", "> 0", self.batch_size)
         _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)

@@ -569,7 +569,13 @@ class Trainer:
             position=position,
             pin_memory=self.info.device.type == "cuda",
             caption_transform=(
-                CaptionPartsSubset(cfg.data.caption_subsets) if cfg.data.caption_subsets else None
+                CaptionPartsSubset(
+                    cfg.data.caption_subsets,
+                    name_only=cfg.data.caption_name_only,
+                    name_field=cfg.data.caption_name_field,
+                )
+                if cfg.data.caption_subsets or cfg.data.caption_name_only
+                else None
             ),
         )
 

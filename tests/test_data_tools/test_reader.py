@@ -330,3 +330,39 @@ def test_caption_subsets_are_in_order_seeded_and_resume_exactly(demo_dir: Path) 
         assert set(augmented.split(", ")) <= set(original.split(", "))
     changed = sum(a != w for a, w in pairs)
     assert 0.2 * len(pairs) < changed < 0.6 * len(pairs)  # ~half of the multi-part captions
+
+
+def test_caption_name_only_keeps_names_with_commas_whole(demo_dir: Path) -> None:
+    meta = {"name": "kiss: woman, man"}
+    caption = "kiss: woman, man, couple, love"
+    named = CaptionPartsSubset(0.3, name_only=0.5, name_field="name")
+    assert named.parts(caption, meta) == ["kiss: woman, man", "couple", "love"]
+    # without the field (or a caption that does not start with it) the first part is the name
+    assert CaptionPartsSubset(0.3).parts(caption, meta)[0] == "kiss: woman"
+    assert named.parts("couple, love", meta) == ["couple", "love"]
+    outs = []
+    for seed in range(1000):
+        torch.manual_seed(seed)
+        outs.append(named(caption, meta))
+    share_name = outs.count("kiss: woman, man") / len(outs)
+    assert 0.5 < share_name < 0.62  # 0.5 name alone + a subset's 1/3 x 1/3 of 0.3
+    assert 0.22 < outs.count(caption) / len(outs) < 0.38  # 0.2 as written + 1/3 of 0.3
+    assert all(o == caption or set(named.parts(o, meta)) <= set(named.parts(caption, meta))
+               for o in outs)  # fmt: skip
+    assert "kiss: woman" not in outs  # the name is never cut at its comma
+    assert named("rocket", {"name": "rocket"}) == "rocket"  # one part: unchanged
+    with pytest.raises(ValueError, match="prob \\+ name_only must be <= 1"):
+        CaptionPartsSubset(0.6, name_only=0.5)
+
+    # through the reader: the demo's .json names reach the transform, so about half of the
+    # captions with tags become exactly their sample's name
+    def captions(transform: CaptionPartsSubset | None) -> list[tuple[str, str]]:
+        batches, _ = _first_batches(demo_dir, StreamPosition(), 2, caption_transform=transform)
+        rows = [zip(b["caption"], b["meta"], strict=True) for b in batches]
+        return [(c, m["name"]) for batch in rows for c, m in batch]
+
+    written = captions(None)
+    named_out = captions(CaptionPartsSubset(0.0, name_only=0.5, name_field="name"))
+    tagged = [(o, n) for (o, n), (c, _) in zip(written, named_out, strict=True) if o != n]
+    bare = [c == n for (o, n), (c, _) in zip(written, named_out, strict=True) if o != n]
+    assert len(tagged) > 20 and 0.3 < sum(bare) / len(bare) < 0.7

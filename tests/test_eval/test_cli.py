@@ -43,11 +43,12 @@ def test_retrieval_exact_and_through_the_index(
     out = tmp_path / "r.json"
     argv = [
         "retrieval", "--model", str(trained_demo_run), "--data", str(demo), "--k", "1,5,10,50",
-        "--json", str(out), "--index", str(demo_index), "--workers", "1",
+        "--json", str(out), "--index", str(demo_index), "--workers", "1", "--query-field", "name",
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "text to image" in printed and "image to text" in printed and "index" in printed
+    assert "name to image" in printed
     report = read_report(out)
     assert report["task"] == "retrieval"
     assert report["model"]["hash"] and report["command"][:2] == ["clipforge-eval", "retrieval"]
@@ -56,6 +57,9 @@ def test_retrieval_exact_and_through_the_index(
     exact = report["metrics"]["exact"]
     t2i, i2t = exact["text_to_image"], exact["image_to_text"]
     assert t2i["queries"] == i2t["queries"] == 1911
+    names = exact["name_to_image"]  # each emoji's name alone (from its .json) as the query
+    assert names["queries"] == 1911 and 0 < names["R@1"] <= names["R@10"] <= names["R@50"]
+    assert report["config"]["query_fields"] == ["name"]
     # the recipe's model: text->image R@10 ~0.96 (chance 0.005)
     assert t2i["R@10"] > 0.6 and i2t["R@10"] > 0.6
     assert t2i["R@1"] <= t2i["R@5"] <= t2i["R@10"] <= t2i["R@50"]
@@ -120,6 +124,10 @@ def test_missing_matplotlib_is_a_clear_error(
         (["retrieval", "--model", "/nonexistent", "--data", "x"], "does not exist"),
         (["retrieval", "--model", "{run}", "--data", "/nonexistent-dir"], "nonexistent"),
         (["retrieval", "--model", "{run}", "--data", "{demo}", "--k", "0"], "K values"),
+        (
+            ["retrieval", "--model", "{run}", "--data", "{demo}", "--query-field", "nope"],
+            "sample 0000000000: its .json has no text field 'nope'",
+        ),
         (
             ["zeroshot", "--model", "{run}", "--data", "{demo}", "--classnames", "nofile"],
             "not a file",

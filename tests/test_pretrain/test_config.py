@@ -58,6 +58,16 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
         load_config("tiny", [override])
 
 
+def test_caption_shares_add_up_to_at_most_one() -> None:
+    cfg = load_config("tiny", ["data.caption_subsets=0.3", "data.caption_name_only=0.5"])
+    assert (cfg.data.caption_subsets, cfg.data.caption_name_only) == (0.3, 0.5)
+    message = r"data.caption_subsets \+ data.caption_name_only must be <= 1, got 1.1"
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["data.caption_subsets=0.6", "data.caption_name_only=0.5"])
+    with pytest.raises(ConfigError, match=r"data.caption_name_only must be in \[0, 1\]"):
+        load_config("tiny", ["data.caption_name_only=-0.1"])
+
+
 def test_batch_must_divide_into_micro_batches() -> None:
     with pytest.raises(ConfigError, match=r"data.batch_size \(30\).*train.accum_steps \(4\)"):
         load_config("tiny", ["data.batch_size=30", "train.accum_steps=4"])
