@@ -59,7 +59,7 @@ from clipforge.data_tools.demo import write_demo_shards
 from clipforge.data_tools.reader import ShardSpecError, parse_shard_spec
 from clipforge.data_tools.writer import WriteConfig, write_shards
 from clipforge.eval.data import EvalDataConfig, EvalDataError, embed_eval_set
-from clipforge.eval.demo import DemoConfig
+from clipforge.eval.demo import DemoConfig, recipe_overrides
 from clipforge.eval.retrieval import RetrievalConfig, evaluate_retrieval
 from clipforge.eval.tasks import setup
 from clipforge.eval.zeroshot import build_classifier, evaluate_zeroshot, load_templates
@@ -330,18 +330,9 @@ def build_test_sets(train_dir: Path, twitter_tgz: Path, out: Path) -> TestSets:
 
 def clipforge_recipe(train_data: Path, extra: Sequence[str] = ()) -> Config:
     """clipforge's default recipe for the demo model: the ``tiny`` preset with
-    ``clipforge-demo``'s batch size, learning rate and caption subsets."""
-    demo = DemoConfig()
-    return load_config(
-        "tiny",
-        [
-            f"data.train={train_data}",
-            f"data.batch_size={demo.batch_size}",
-            f"optim.lr={demo.lr}",
-            f"data.caption_subsets={demo.caption_subsets}",
-            *extra,
-        ],
-    )
+    ``clipforge-demo``'s recipe (``eval.demo.recipe_overrides``: batch, learning rate and
+    warmup, caption policy, augmentation, starting temperature)."""
+    return load_config("tiny", [*recipe_overrides(DemoConfig(), train_data), *extra])
 
 
 def _run_config(recipe: Config, run_dir: Path, steps: int, seed: int, log_every: int) -> Config:

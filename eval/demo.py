@@ -259,22 +259,32 @@ def _write_shards(paths: DemoPaths, stages: _StageLog) -> None:
     stages.done(t0, f"{samples} samples in {len(manifest.shards)} shards -> {paths.data}")
 
 
-def _train_overrides(config: DemoConfig, paths: DemoPaths) -> list[str]:
-    """pretrain's ``--set`` overrides of the tiny preset for the demo's recipe."""
-    overrides = [
-        f"data.train={paths.data}",
+def recipe_overrides(config: DemoConfig, train_data: str | os.PathLike[str]) -> list[str]:
+    """pretrain's ``--set`` overrides of the tiny preset that make the demo's training recipe
+    (batch, learning rate and warmup, caption policy, augmentation, starting temperature);
+    benchmarks.generalisation trains with the same recipe."""
+    return [
+        f"data.train={train_data}",
         f"data.batch_size={config.batch_size}",
         f"optim.lr={config.lr}",
-        f"train.steps={config.steps}",
-        f"train.run_dir={paths.run}",
-        f"train.log_every={max(1, min(20, config.steps // 10))}",
-        f"train.checkpoint_every={config.checkpoint_every}",
         f"optim.warmup_steps={config.warmup_steps}",
         f"data.caption_subsets={config.caption_subsets}",
         f"data.augment={str(config.augment).lower()}",
         f"data.caption_name_only={config.caption_name_only}",
         f"data.caption_name_field={NAME_FIELD}",
         f"loss.init_logit_scale={config.init_logit_scale}",
+    ]
+
+
+def _train_overrides(config: DemoConfig, paths: DemoPaths) -> list[str]:
+    """pretrain's ``--set`` overrides of the tiny preset for the demo's run: its recipe, length
+    and run directory."""
+    overrides = [
+        *recipe_overrides(config, paths.data),
+        f"train.steps={config.steps}",
+        f"train.run_dir={paths.run}",
+        f"train.log_every={max(1, min(20, config.steps // 10))}",
+        f"train.checkpoint_every={config.checkpoint_every}",
         "train.device=cpu",
         # a bar on a terminal, a line per log_every steps otherwise
         "train.progress=auto",
