@@ -159,7 +159,9 @@ def new_cpu_group(info: DistInfo, timeout_s: int) -> dist.ProcessGroup | None:
     interleave with the default group's. Every rank calls it, in the same order."""
     if not info.distributed:
         return None
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # every rank is a member: never GroupMember.NON_GROUP_MEMBER
+    return cast(dist.ProcessGroup, group)
 
 
 def all_gather_objects(obj: _T, info: DistInfo) -> list[_T]:

@@ -632,8 +632,8 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         # each rank its own RNG on the same world size; on another, every rank rank 0's
-        per_rank = state.get("rng_per_rank")
-        same_world = per_rank is not None and len(per_rank) == self.info.world_size
+        per_rank = state.get("rng_per_rank") or []
+        same_world = len(per_rank) == self.info.world_size
         set_rng_state(per_rank[self.info.rank] if same_world else state["rng"])
         if self.info.is_main:
             log.info(

@@ -23,6 +23,7 @@ from clipforge.pretrain.checkpoint import list_checkpoints, load_checkpoint
 from clipforge.pretrain.cli import main
 from clipforge.pretrain.config import ConfigError, load_config
 from clipforge.pretrain.distributed import DistInfo
+from clipforge.pretrain.models import load_model, read_state_dict
 from clipforge.pretrain.parallelize import full_state_dicts
 from clipforge.pretrain.sharded_checkpoint import METADATA_NAME, SIDECAR_NAME
 from clipforge.pretrain.train import Trainer
@@ -75,7 +76,7 @@ def _assert_same(a: Any, b: Any, where: str = "") -> None:
             _assert_same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, (where, a, b)
@@ -175,7 +176,7 @@ def test_ddp_sharded_one_to_two_to_one_rank_equals_whole_state(demo: Path, tmp_p
     for step in (HALF, 2 * HALF, 3 * HALF):
         _assert_same_checkpoint(_ckpt(whole, step), _ckpt(sharded, step))
     two_ranks = _ckpt(sharded, 2 * HALF)  # written by 2 DDP ranks: each replica written once
-    assert load_checkpoint(two_ranks)["global_batch"] == 64
+    assert load_checkpoint(two_ranks)["global_batch"] == 32  # the run's global batch, kept
     assert len(load_checkpoint(two_ranks, tensors=False)["rng_per_rank"]) == 2
     records = [json.loads(x) for x in (sharded / "restarts.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records] == [1, 2, 1]
@@ -221,6 +222,14 @@ def test_incomplete_sharded_checkpoints_are_skipped_and_keep_last_k_spans_both_f
     assert sorted(_losses(run)) == list(range(1, 11))  # steps 7-8 redone from step 6
     assert [p.name for _, p in list_checkpoints(ckpts)] == ["step-8", "step-10"]
     assert (ckpts / "step-8.corrupt").is_dir() and not killed.exists()
+
+    # inference reads a sharded checkpoint too: the exported model/ is its final weights
+    exported = read_state_dict(run / "model")
+    final = read_state_dict(ckpts / "step-10")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    loaded = load_model(ckpts / "step-10")
+    assert loaded.model_hash == load_model(run / "model").model_hash
 
 
 def test_async_needs_the_sharded_form() -> None:
