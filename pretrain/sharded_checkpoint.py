@@ -27,7 +27,6 @@ import contextlib
 import os
 import shutil
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -44,11 +43,6 @@ SIDECAR_NAME = "trainer_state.pt"
 completion mark of the directory, with DCP's own ``.metadata``)."""
 METADATA_NAME = ".metadata"
 """DCP's metadata file: which file and byte range holds each tensor's chunks."""
-
-
-def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """``path`` is (the final name of) a sharded checkpoint directory, complete or not."""
-    return Path(path).is_dir()
 
 
 def model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -248,9 +242,6 @@ class PendingSave:
         after: Callable[[], None] | None = None,
     ) -> None:
         self.tmp, self.final = tmp, final
-        self.started = time.perf_counter()
-        self.finished: float | None = None
-        """perf_counter time at which the write and publishing were done (None: not yet)."""
         self._future = future
         self._published = threading.Event()
         self._error: BaseException | None = None
@@ -265,13 +256,9 @@ class PendingSave:
             except BaseException as e:  # surfaced by wait()
                 self._error = e
             finally:
-                self.finished = time.perf_counter()
                 self._published.set()
 
         future.add_done_callback(done)
-
-    def done(self) -> bool:
-        return self._published.is_set()
 
     def wait(self) -> None:
         """Block until the write and (rank 0) the rename are done; raise what failed."""

@@ -230,6 +230,11 @@ def test_incomplete_sharded_checkpoints_are_skipped_and_keep_last_k_spans_both_f
     assert all(torch.equal(exported[k], final[k]) for k in final)
     loaded = load_model(ckpts / "step-10")
     assert loaded.model_hash == load_model(run / "model").model_hash
+    # a complete run missing its model/ exports it from the sharded checkpoint, trains nothing
+    shutil.rmtree(run / "model")
+    assert main(_args(demo, run, 16, 10, *every, *keep2, *SHARDED)) == 0
+    assert read_state_dict(run / "model").keys() == final.keys()
+    assert all(torch.equal(read_state_dict(run / "model")[k], final[k]) for k in final)
 
 
 def test_async_needs_the_sharded_form() -> None:
