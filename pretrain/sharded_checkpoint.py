@@ -102,14 +102,52 @@ def start_async_save(
     future completes once every rank's files and the metadata are written. ``process_group``
     must be a CPU (gloo) group of its own: its collectives run while training's run."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
+    class AlreadyStaged(BlockingAsyncStager):
+        """DCP's own staging copies FSDP2's DTensors ~10x slower than their local shards copy
+        (measured: 7.8 s vs 0.5 s for 0.9 GB a rank): :func:`host_copy` stages instead."""
+
+        def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+            return state_dict
+
+    staged = host_copy(state)  # what training is blocked for
     with _one_process_is_meant():
         future = dcp.async_save(
-            state, storage_writer=_writer(folder), process_group=process_group, no_dist=_single()
+            staged,
+            storage_writer=_writer(folder),
+            process_group=process_group,
+            no_dist=_single(),
+            async_stager=AlreadyStaged(),
         )
     if not isinstance(future, Future):  # an AsyncSaveResponse: only with a custom stager
         future = future.upload_completion
     return future
+
+
+def host_copy(value: Any) -> Any:
+    """A host-memory copy of a state dict's tensors, so that training may go on changing the
+    originals: a DTensor becomes a DTensor over a copy of its local shard (same mesh, placements,
+    global shape); containers are rebuilt, other values kept as they are (immutable)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        local = value.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(
+            local,
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
 
 
 def load_shards(
