@@ -238,7 +238,19 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Save a step checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 3
-    """Keep the newest K step checkpoints."""
+    """Keep the newest K step checkpoints (of either form)."""
+    checkpoint_format: Literal["whole", "sharded"] = "whole"
+    """``whole``: ``checkpoints/step-N.pt``, the whole state gathered on rank 0 and written by it
+    alone (one file; rank 0 holds the whole model and optimizer state in host memory while it
+    writes). ``sharded``: a ``torch.distributed.checkpoint`` directory ``checkpoints/step-N/``,
+    each rank writing its own shards (FSDP2's, or its share of DDP's replicas) in parallel,
+    nothing gathered; it resumes on any world size, as the whole form does. Either way the run
+    ends by exporting the whole model to ``model/``."""
+    checkpoint_async: bool = False
+    """With ``checkpoint_format=sharded``: copy the state to host memory, then write it in a
+    background thread while training continues (training is blocked only for the copy; the
+    checkpoint is renamed into place when the write completes, and the next save and the end
+    of training wait for it). Costs one more host copy of each rank's shards while it writes."""
     resume: bool = True
     """Continue from the newest checkpoint in run_dir when there is one."""
     eval_every: int = 0
@@ -275,6 +287,13 @@ class TrainConfig:
         _check(self.checkpoint_every > 0, "train.checkpoint_every", "> 0", self.checkpoint_every)
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "> 0", self.keep_checkpoints)
         _check(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        _check(
+            not self.checkpoint_async or self.checkpoint_format == "sharded",
+            "train.checkpoint_async",
+            "false unless train.checkpoint_format=sharded (whole-state checkpoints are written "
+            "by rank 0 alone, synchronously)",
+            self.checkpoint_async,
+        )
         _check(self.max_nonfinite > 0, "train.max_nonfinite", "> 0", self.max_nonfinite)
         _check(
             self.collective_timeout_s > 0,
@@ -338,6 +357,8 @@ RESUME_MUTABLE = frozenset(
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.checkpoint_format",  # both forms hold the same state and resume alike
+        "train.checkpoint_async",
         "train.eval_every",
         "train.eval_callback",
         "train.eval",  # what is measured during training, not what is trained

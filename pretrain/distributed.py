@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -151,3 +151,23 @@ def broadcast_object(obj: _T, info: DistInfo) -> _T:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def new_cpu_group(info: DistInfo, timeout_s: int) -> dist.ProcessGroup | None:
+    """A gloo group over all ranks, of its own (None when single-process): for collectives that
+    run in a background thread beside training's (an asynchronous checkpoint's), which must not
+    interleave with the default group's. Every rank calls it, in the same order."""
+    if not info.distributed:
+        return None
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # every rank is a member: never GroupMember.NON_GROUP_MEMBER
+    return cast(dist.ProcessGroup, group)
+
+
+def all_gather_objects(obj: _T, info: DistInfo) -> list[_T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` when single-process)."""
+    if not info.distributed:
+        return [obj]
+    out: list[_T | None] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return cast(list[_T], out)  # every slot filled by all_gather_object

@@ -129,6 +129,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Model weights from an open_clip state dict file, a clipforge step checkpoint, or a
     clipforge ``model/`` folder / run directory."""
     p = Path(path)
+    sharded = _sharded_step_checkpoint(p)
+    if sharded is not None:
+        return sharded.read_whole(p, keys={"model"})["model"]
     if p.is_dir():
         candidates = [p / OPEN_CLIP_WEIGHTS_NAME, p / "model" / OPEN_CLIP_WEIGHTS_NAME]
         found = next((c for c in candidates if c.is_file()), None)
@@ -150,6 +153,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"{p}: holds no state dict")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def _sharded_step_checkpoint(path: Path) -> Any:
+    """The sharded-checkpoint module when ``path`` is a sharded step checkpoint (a directory
+    with its sidecar), else None (imported only then: it reads with torch.distributed's DCP)."""
+    if not path.is_dir():
+        return None
+    from clipforge.pretrain import sharded_checkpoint
+
+    return sharded_checkpoint if (path / sharded_checkpoint.SIDECAR_NAME).is_file() else None
 
 
 def _load_weights(model: nn.Module, path: str, prefix_filter: str | None) -> None:
@@ -268,8 +281,8 @@ def load_model(
     """Load a trained model for inference.
 
     ``path`` is a clipforge run directory (its ``model/``, else its newest step checkpoint), a
-    ``model/`` folder, a clipforge step checkpoint, or -- with ``model_name`` (an open_clip name
-    or config JSON) -- a plain open_clip weights file.
+    ``model/`` folder, a clipforge step checkpoint (either form), or -- with ``model_name`` (an
+    open_clip name or config JSON) -- a plain open_clip weights file.
     """
     p = Path(path)
     if not p.exists():
@@ -295,7 +308,7 @@ def load_model(
             raise FileNotFoundError(f"{p}: a run directory with no model/ and no checkpoints")
         weights = ckpt
         model_cfg, pre = _config_from_checkpoint(ckpt, model_name)
-    elif p.is_file() and model_name is None:
+    elif (p.is_file() or _sharded_step_checkpoint(p) is not None) and model_name is None:
         model_cfg, pre = _config_from_checkpoint(p, None)
     elif model_name is not None:
         _, model_cfg = resolve_model_config(model_name)
@@ -325,7 +338,11 @@ def load_model(
 def _config_from_checkpoint(path: Path, model_name: str | None) -> tuple[dict, dict]:
     if model_name is not None:
         return resolve_model_config(model_name)[1], {}
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    sharded = _sharded_step_checkpoint(path)
+    if sharded is not None:
+        obj = sharded.read_sidecar(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(obj, dict) and "model_cfg" in obj):
         raise ValueError(f"{path}: a bare weights file; say which model it is (model_name=...)")
     return obj["model_cfg"], obj.get("preprocess_cfg", {})

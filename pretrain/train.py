@@ -15,6 +15,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Generator
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.data_tools.atomic import OutOfSpaceError
+from clipforge.data_tools.atomic import OutOfSpaceError, temp_path_for
 from clipforge.data_tools.reader import (
     ReaderConfig,
     ShardLoader,
@@ -39,10 +40,13 @@ from clipforge.data_tools.resplit import reseed_resampled, resplit_exact_pass
 from clipforge.data_tools.transforms import CaptionPartsSubset, clip_image_transforms
 from clipforge.pretrain.checkpoint import (
     NoIntactCheckpoint,
+    checkpoint_path,
+    is_sharded,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_newest_intact,
+    prune_checkpoints,
     remove_temp_files,
     rng_state,
     save_checkpoint,
@@ -58,11 +62,13 @@ from clipforge.pretrain.config import (
 from clipforge.pretrain.cpu_memory import keep_freed_memory
 from clipforge.pretrain.distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_max,
     all_reduce_mean,
     barrier,
     broadcast_object,
     init_distributed,
+    new_cpu_group,
     shutdown,
 )
 from clipforge.pretrain.losses import make_loss
@@ -94,6 +100,15 @@ from clipforge.pretrain.schedule import (
     lr_at,
     schedule_from_state,
     schedule_state,
+)
+from clipforge.pretrain.sharded_checkpoint import (
+    PendingSave,
+    load_shards,
+    model_optimizer_state,
+    publish,
+    read_whole,
+    save_shards,
+    start_async_save,
 )
 from clipforge.pretrain.step import forward_backward
 from clipforge.pretrain.throughput import StepWindow, count_flops_per_sample, utilization
@@ -232,6 +247,14 @@ class Trainer:
             keep_freed_memory()  # activations reused, not page-faulted in every step
         torch.manual_seed(tc.seed)  # before the model: its initial weights come from this seed
         self._build_model()
+        # sharded saves synchronise over a gloo group of their own: an asynchronous one's
+        # collectives run in a background thread while training's run on the default group
+        self._checkpoint_group = (
+            new_cpu_group(info, tc.collective_timeout_s)
+            if tc.checkpoint_format == "sharded"
+            else None
+        )
+        self._pending_save: PendingSave | None = None
         self.loss_fn = make_loss(config.loss.kind)
         self.optimizer = make_optimizer(unwrap(self.model), config)
         self.schedule: Schedule = schedule_from_state(self.plan.schedule)
@@ -292,6 +315,7 @@ class Trainer:
                 _crash_once_if_asked(self.step, self.info.rank)
         finally:
             batches.close()  # the data workers stop now, also when a step fails
+        self._finish_pending_save()  # the last checkpoint is in place before the run reports
         model_dir = self._export()
         return TrainResult(self.run_dir, self.step, self.samples_seen, loss, model_dir)
 
@@ -599,14 +623,24 @@ class Trainer:
         """Load the planned checkpoint (every rank) and return this rank's data position."""
         if self.plan.checkpoint is None:
             return StreamPosition()
-        state = self._state if self._state is not None else load_checkpoint(self.plan.checkpoint)
+        path = self.plan.checkpoint
+        sharded = is_sharded(path)
+        state = self._state
+        if state is None:  # rank 0 read it while planning; a sharded one's sidecar suffices
+            state = load_checkpoint(path, tensors=not sharded)
         self._state = None  # not kept for the whole run
-        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        if sharded:  # each rank reads its own slices, whatever world size wrote them
+            load_shards(unwrap(self.model), self.optimizer, path)
+        else:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        set_rng_state(state["rng"])
+        # each rank its own RNG on the same world size; on another, every rank rank 0's
+        per_rank = state.get("rng_per_rank") or []
+        same_world = len(per_rank) == self.info.world_size
+        set_rng_state(per_rank[self.info.rank] if same_world else state["rng"])
         if self.info.is_main:
             log.info(
                 "resumed from %s (step %d, %d samples seen)",
@@ -655,6 +689,8 @@ class Trainer:
         if self.info.is_main:
             assert self.plan.checkpoint is not None
             state = self._state or load_checkpoint(self.plan.checkpoint)
+            if "model" not in state:  # a sharded checkpoint's sidecar: read its whole weights
+                state = {**state, **read_whole(self.plan.checkpoint, keys={"model"})}
             if not _export_matches(model_dir, state["model"]):
                 log.info(
                     "model/ is missing or not %s's weights: exporting it", self.plan.checkpoint
@@ -791,42 +827,102 @@ class Trainer:
             self.metrics.log_eval({**record, **{f"eval/{k}": v for k, v in results.items()}})
 
     def _save_checkpoint(self, loss: float) -> None:
+        """Every rank: the step's checkpoint in ``train.checkpoint_format``; an asynchronous
+        one is left writing (see :meth:`_finish_pending_save`)."""
+        self._finish_pending_save()  # one save in flight at a time
         positions = _gather_positions(self.loader.position, self.info)
-        model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
+        rngs = all_gather_objects(rng_state(), self.info)
         mean_loss = all_reduce_mean(loss, self.info)
-        error = None
-        if self.info.is_main:
-            state = {
-                "model": model_sd,
-                "optimizer": optim_sd,
-                "schedule": schedule_state(self.schedule),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "step": self.step,
-                "samples_seen": self.samples_seen,
-                "nonfinite_steps": self.nonfinite_steps,
-                "last_loss": mean_loss,
-                "rng": rng_state(),
-                "data_positions": positions,
-                "batch_size": self.batch_size,  # per rank (data.batch_size, or derived)
-                "global_batch": self.batch_size * self.info.world_size,
-                "model_cfg": self.model_cfg,
-                "preprocess_cfg": _plain(self.preprocess_cfg),
-                "config": self.config.to_dict(),
-            }
-            folder = self.run_dir / "checkpoints"
-            try:
-                save_checkpoint(folder, self.step, state, keep=self.config.train.keep_checkpoints)
-            except OutOfSpaceError as e:
-                newest = latest_checkpoint(folder)
-                error = f"{e}" + (
-                    f" (the run resumes from {newest.name}, the newest complete checkpoint)"
-                    if newest
-                    else ""
-                )
+        trainer_state = {
+            "schedule": schedule_state(self.schedule),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "last_loss": mean_loss,
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "data_positions": positions,
+            "batch_size": self.batch_size,  # per rank (data.batch_size, or derived)
+            "global_batch": self.batch_size * self.info.world_size,
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": _plain(self.preprocess_cfg),
+            "config": self.config.to_dict(),
+        }
+        if self.config.train.checkpoint_format == "sharded":
+            error = self._save_sharded(trainer_state)
+        else:
+            error = self._save_whole(trainer_state)
         # instead of a barrier: every rank stops on rank 0's failure, none waits for it
         error = broadcast_object(error, self.info)
         if error:
             raise TrainingAborted(error)
+
+    def _save_whole(self, trainer_state: dict[str, Any]) -> str | None:
+        """Gather the whole state on rank 0, which writes ``step-N.pt``; rank 0's error."""
+        model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
+        if not self.info.is_main:
+            return None
+        folder = self.run_dir / "checkpoints"
+        state = {"model": model_sd, "optimizer": optim_sd, **trainer_state}
+        try:
+            save_checkpoint(folder, self.step, state, keep=self.config.train.keep_checkpoints)
+        except OutOfSpaceError as e:
+            return f"{e}" + self._resumes_from()
+        return None
+
+    def _save_sharded(self, trainer_state: dict[str, Any]) -> str | None:
+        """Every rank writes its shards into rank 0's temp directory; rank 0 then writes the
+        sidecar and renames it ``step-N`` (at once, or when an asynchronous write completes).
+        Returns the error message when the save failed (on any rank: DCP raises on all)."""
+        folder = self.run_dir / "checkpoints"
+        final = checkpoint_path(folder, self.step, sharded=True)
+        tmp = Path(broadcast_object(str(temp_path_for(final)), self.info))  # rank 0's pid
+        keep = self.config.train.keep_checkpoints
+        sidecar = trainer_state if self.info.is_main else None
+        state = model_optimizer_state(unwrap(self.model), self.optimizer)  # every rank
+        try:
+            if self.config.train.checkpoint_async:
+                future = start_async_save(tmp, state, self._checkpoint_group)
+                self._pending_save = PendingSave(
+                    future, tmp, final, sidecar, after=lambda: prune_checkpoints(folder, keep)
+                )
+                return None
+            save_shards(tmp, state, self._checkpoint_group)
+            if sidecar is not None:
+                publish(tmp, final, sidecar)
+                prune_checkpoints(folder, keep)
+        except Exception as e:
+            return self._sharded_save_failed(final, tmp, e)
+        return None
+
+    def _finish_pending_save(self) -> None:
+        """Wait for an asynchronous save still writing (every rank); abort on its failure."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is None:
+            return
+        error = None
+        try:
+            pending.wait()
+        except Exception as e:
+            error = self._sharded_save_failed(pending.final, pending.tmp, e)
+        errors = [e for e in all_gather_objects(error, self.info) if e]
+        if errors:
+            raise TrainingAborted(errors[0])
+
+    def _sharded_save_failed(self, final: Path, tmp: Path, e: BaseException) -> str:
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return (
+            f"writing the sharded checkpoint {final} failed ({type(e).__name__}: {e})"
+            + self._resumes_from()
+        )
+
+    def _resumes_from(self) -> str:
+        newest = latest_checkpoint(self.run_dir / "checkpoints")
+        if newest is None:
+            return ""
+        return f" (the run resumes from {newest.name}, the newest complete checkpoint)"
 
     def _export(self) -> Path | None:
         out, error = None, None
