@@ -301,7 +301,7 @@ def load_peer_result(cfg: IndexBenchConfig, paths: dict[str, Path], log: Log = p
     if not found_path.is_file():
         raise FileNotFoundError(f"--peer-result {work}: result.json but no found.npy")
     result = json.loads(out.read_text())
-    memory = (result.get("infos") or {}).get("max_index_memory_usage") or result.get("memory")
+    memory = result.get("memory")  # recorded by peer_autofaiss (runs before it did not)
     if memory is not None and str(memory) != cfg.memory_budget:
         raise ValueError(f"--peer-result {work} ran with budget {memory}, not {cfg.memory_budget}")
     found = np.load(found_path)
