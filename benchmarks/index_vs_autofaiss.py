@@ -31,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ from clipforge.data_tools.atomic import atomic_output, write_json_atomic
 from clipforge.index import emb_dir, store, tune
 from clipforge.index.build import run_build
 from clipforge.index.faiss_ops import Log
+from clipforge.index.plan import parse_memory_size
 
+from . import index_candidates
 from .index_timing import time_index
 
 PEER_ENV = "CLIPFORGE_PEER_AUTOFAISS"
@@ -85,10 +88,39 @@ class IndexBenchConfig:
     """Python of autofaiss's virtual environment (None: only with ``skip_peer``)."""
     peer_timeout_s: float = 4 * 3600
     """Give up on the peer after this long."""
+    peer_result: str | None = None
+    """Folder of a finished peer run on the same data and budget (its result.json and
+    found.npy, from ``benchmarks.peer_autofaiss``) to report instead of running it again."""
+    candidates: tuple[str, ...] | None = None
+    """None: no candidate sweep; () the default candidates; else these FAISS factories."""
+    clipforge_result: str | None = None
+    """Figures JSON of a finished clipforge half on the same data and budget to report instead
+    of building again (so a candidate sweep can join a build that already ran)."""
 
 
 # --------------------------------------------------------------------------------------------
 # data
+
+
+def iter_draw(
+    rng: np.random.Generator,
+    n: int,
+    centres: np.ndarray,
+    noise: float,
+    chunk: int = 100_000,
+) -> Iterator[np.ndarray]:
+    """Yield n unit vectors (<= chunk, D) float32 at a time: centre[label] + N(0, noise^2/D).
+
+    All n labels are drawn first, then the noise row chunk by row chunk: consecutive
+    ``standard_normal`` calls continue one stream, so the chunk size changes no value and a
+    caller can write each chunk to disk without holding all n rows.
+    """
+    dim = centres.shape[1]
+    labels = rng.integers(0, len(centres), size=n)  # (n,) int64: 80 MB at 10M
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        x = centres[labels[a:b]] + rng.standard_normal((b - a, dim)) * (noise / np.sqrt(dim))
+        yield (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _draw(
@@ -99,14 +131,11 @@ def _draw(
     out: np.ndarray,
     chunk: int = 100_000,
 ) -> None:
-    """Fill ``out`` (n, D) float32 with unit vectors: centre[label] + N(0, (noise/sqrt(D))^2)."""
-    dim = centres.shape[1]
-    labels = rng.integers(0, len(centres), size=n)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        # consecutive standard_normal calls continue one stream: chunking changes no value
-        x = centres[labels[a:b]] + rng.standard_normal((b - a, dim)) * (noise / np.sqrt(dim))
-        out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    """Fill ``out`` (n, D) float32 with the unit vectors of :func:`iter_draw`."""
+    a = 0
+    for x in iter_draw(rng, n, centres, noise, chunk):
+        out[a : a + len(x)] = x
+        a += len(x)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -249,6 +278,56 @@ def resolve_peer_python(peer_python: str | None) -> str:
     return chosen
 
 
+def _wait_for(path: Path, timeout_s: float, flag: str, log: Log) -> None:
+    """Wait until ``path`` exists: the reused run was started earlier and may still be
+    building (autofaiss takes tens of minutes at 1M)."""
+    deadline = time.monotonic() + timeout_s
+    if not path.is_file():
+        log(f"{flag}: waiting for {path} (that run is still going)")
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{flag}: {path} did not appear within {timeout_s:.0f} s")
+        time.sleep(10)
+
+
+def load_peer_result(cfg: IndexBenchConfig, paths: dict[str, Path], log: Log = print) -> dict:
+    """The figures of a finished peer run in ``cfg.peer_result``, checked to be on the same
+    data and budget, scored here like a fresh one."""
+    work = Path(cfg.peer_result or "")
+    out, found_path = work / "result.json", work / "found.npy"
+    if not work.is_dir():
+        raise FileNotFoundError(f"--peer-result {work} is not a folder")
+    _wait_for(out, cfg.peer_timeout_s, "--peer-result", log)
+    if not found_path.is_file():
+        raise FileNotFoundError(f"--peer-result {work}: result.json but no found.npy")
+    result = json.loads(out.read_text())
+    memory = result.get("memory")  # recorded by peer_autofaiss (runs before it did not)
+    if memory is not None and str(memory) != cfg.memory_budget:
+        raise ValueError(f"--peer-result {work} ran with budget {memory}, not {cfg.memory_budget}")
+    found = np.load(found_path)
+    if found.shape[0] != np.load(paths["truth"]).shape[0]:
+        raise ValueError(f"--peer-result {work}: {found.shape[0]} queries, not {cfg.n_queries}")
+    log(f"peer: reusing the finished autofaiss run in {work} (same data, budget, machine)")
+    return {**result, "reused_from": str(work), **score(found, np.load(paths["truth"]))}
+
+
+def load_clipforge_result(cfg: IndexBenchConfig, log: Log = print) -> dict:
+    """clipforge's figures from a finished run's JSON, checked to be on the same data/budget."""
+    path = Path(cfg.clipforge_result or "")
+    _wait_for(path, cfg.peer_timeout_s, "--clipforge-result", log)
+    report = json.loads(path.read_text())
+    ran = report.get("config", {})
+    for key in ("n", "dim", "seed", "memory_budget", "target_recall", "kind"):
+        if ran.get(key) != getattr(cfg, key):
+            raise ValueError(f"--clipforge-result {path} ran with {key}={ran.get(key)!r}, "
+                             f"not {getattr(cfg, key)!r}")  # fmt: skip
+    result = report["results"]["clipforge"]
+    if "error" in result:
+        raise ValueError(f"--clipforge-result {path}: that run failed: {result['error']}")
+    log(f"clipforge: reusing the finished build's figures in {path}")
+    return {**result, "reused_from": str(path)}
+
+
 def run_peer(cfg: IndexBenchConfig, paths: dict[str, Path], log: Log = print) -> dict:
     """Run autofaiss in its own venv through :mod:`benchmarks.peer_autofaiss`; score what it
     found here, with clipforge's Recall@k; return its figures."""
@@ -347,31 +426,50 @@ def run_index_benchmark(
     kind: str = "auto",
     peer_python: str | None = None,
     json_out: str | os.PathLike[str] | None = None,
+    peer_result: str | None = None,
+    candidates: tuple[str, ...] | None = None,
+    clipforge_result: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Run the benchmark, print the table, and return ``{"config", "results", "table"}``."""
     cfg = IndexBenchConfig(
         n=n, work_dir=str(work_dir), skip_peer=skip_peer, memory_budget=memory_budget,
-        target_recall=target_recall, kind=kind, peer_python=peer_python,
+        target_recall=target_recall, kind=kind, peer_python=peer_python, peer_result=peer_result,
+        candidates=candidates, clipforge_result=clipforge_result,
     )  # fmt: skip
-    if not skip_peer:
+    if not skip_peer and peer_result is None:
         resolve_peer_python(peer_python)  # before clipforge's half: fail in seconds, not hours
     paths = prepare_data(cfg, log=log)
     results: dict[str, dict] = {}
+    swept = None
+    budget = parse_memory_size(cfg.memory_budget) or 0
+    if candidates is not None:  # first: reused runs may still be finishing
+        log("== candidates at the same budget ==")
+        swept = index_candidates.run_candidates(
+            paths, budget, Path(cfg.work_dir) / "candidates", list(candidates) or None, log=log
+        )
     log("== clipforge ==")
     try:
-        results["clipforge"] = run_clipforge(cfg, paths, log=log)
+        results["clipforge"] = (
+            load_clipforge_result(cfg, log) if clipforge_result else run_clipforge(cfg, paths, log)
+        )
     except Exception as e:  # report, and still run the peer
         results["clipforge"] = {"error": f"{type(e).__name__}: {e}"}
     if not skip_peer:
         log("== autofaiss (own venv) ==")
         try:
-            results["autofaiss"] = run_peer(cfg, paths, log=log)
+            results["autofaiss"] = (
+                load_peer_result(cfg, paths, log) if peer_result else run_peer(cfg, paths, log=log)
+            )
         except Exception as e:
             results["autofaiss"] = {"error": f"{type(e).__name__}: {e}"}
     table = format_table(results, cfg)
+    if swept is not None:
+        extra = [("clipforge build (auto)", results["clipforge"]),
+                 ("autofaiss", results.get("autofaiss"))]  # fmt: skip
+        table += "\n" + index_candidates.format_candidates(swept, budget, extra)
     log(table)
-    report = {"config": asdict(cfg), "results": results, "table": table}
+    report = {"config": asdict(cfg), "results": results, "table": table, "candidates": swept}
     out = Path(json_out) if json_out else Path(cfg.work_dir) / "results.json"
     write_json_atomic(out, report)
     log(f"figures written to {out}")
@@ -397,6 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-python",
                    help=f"python of the autofaiss venv (default: ${PEER_ENV})")  # fmt: skip
     p.add_argument("--json", default=None, help="figures JSON (default: WORK_DIR/results.json)")
+    p.add_argument("--peer-result", metavar="DIR",
+                   help="report the finished autofaiss run in DIR (result.json, found.npy; same "
+                   "data and budget) instead of running it again (default: run it)")  # fmt: skip
+    p.add_argument("--clipforge-result", metavar="JSON",
+                   help="report clipforge's half from this finished run's figures JSON (same "
+                   "data and budget) instead of building again (default: build)")  # fmt: skip
+    p.add_argument("--candidates", action="store_true",
+                   help="also sweep index candidates at the budget on one shared coarse "
+                   "quantizer: size, recall, QPS, build time each (default: no sweep)")  # fmt: skip
+    p.add_argument("--candidate", action="append", default=[], metavar="FACTORY",
+                   help="with --candidates: a FAISS factory to try, repeatable "
+                   "(default: benchmarks.index_candidates.default_candidates)")  # fmt: skip
     return p
 
 
@@ -404,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when both tools ran, 1 when one failed, 2 without a peer python."""
     p = build_parser()
     a = p.parse_args(argv)
-    if not a.skip_peer:
+    if not a.skip_peer and a.peer_result is None:
         try:
             resolve_peer_python(a.peer_python)
         except FileNotFoundError as e:
@@ -413,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_index_benchmark(
         n=a.n, work_dir=a.work_dir, skip_peer=a.skip_peer, memory_budget=a.memory_budget,
         target_recall=a.target_recall, kind=a.kind, peer_python=a.peer_python, json_out=a.json,
+        peer_result=a.peer_result, candidates=tuple(a.candidate) if a.candidates else None,
+        clipforge_result=a.clipforge_result,
         log=lambda s: print(s, flush=True),
     )  # fmt: skip
     return 0 if all("error" not in r for r in report["results"].values()) else 1

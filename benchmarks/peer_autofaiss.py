@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "tool": "autofaiss 2.18.0",
         "faiss": faiss.__version__,
         "build_seconds": build_s,
+        "memory": args.memory,  # the budget asked for: --peer-result checks it
         "size_bytes": os.path.getsize(index_path),
         "factory": (infos or {}).get("index_key"),
         "search_params": (infos or {}).get("index_param"),

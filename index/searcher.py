@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, overload
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,11 @@ class Searcher:
                 )
             self._indexes[target] = open_index(self.index_dir, target, mmap=self._mmap)
         return self._indexes[target]
+
+    def faiss_index(self, target: str = "image") -> faiss.Index:
+        """The opened FAISS index of ``target`` with its tuned search parameters applied (for
+        callers that time or inspect the index itself, e.g. the scale benchmark)."""
+        return self._index(target).index
 
     # ------------------------------------------------------------------ properties
 

@@ -64,6 +64,10 @@ def recall_1_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float((found[:, :k] == truth[:, :1]).any(axis=1).mean())
 
 
+PLATEAU_GAIN = 0.002
+"""Tuning stops doubling nprobe/efSearch when a doubling gains less recall@k than this."""
+
+
 @dataclass(frozen=True)
 class TuneResult:
     """Outcome of tuning one search parameter for a target recall."""
@@ -88,8 +92,9 @@ def tune_search_params(
 ) -> TuneResult:
     """Smallest nprobe/efSearch with recall@k >= target (doubling, then bisection).
 
-    If the target is out of reach (lossy codes), the smallest setting within 0.002 of the best
-    recall seen is kept, and ``reached`` is False.
+    If the target is out of reach (lossy codes: a doubling gains < :data:`PLATEAU_GAIN`, or the
+    largest setting falls short), the smallest setting within 0.002 of the best recall seen is
+    kept, and ``reached`` is False.
     """
     name = plan.search_param
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -117,7 +122,11 @@ def tune_search_params(
     while True:
         if measure(v) >= target_recall:
             break
-        if v >= hi_v:
+        # Lossy codes (PQ) cap recall: once doubling the setting gains under PLATEAU_GAIN the
+        # target is out of reach, and doubling on to nlist would scan the whole collection per
+        # query (hours at 10M) to learn nothing more.
+        plateaued = prev is not None and cache[v] - cache[prev] < PLATEAU_GAIN
+        if v >= hi_v or plateaued:
             best = max(cache.values())
             chosen = min(x for x, r in cache.items() if r >= best - 0.002)
             return TuneResult({name: chosen}, cache[chosen], False, curve)

@@ -73,3 +73,34 @@ def test_the_peer_runs_from_the_repository_root_in_its_own_python(
 
 def test_every_option_has_help_that_shows_its_default() -> None:
     check_every_option_has_help_with_its_default(bench.build_parser())
+
+
+def test_a_reused_peer_run_must_match_the_budget_and_is_scored_here(tmp_path: Path) -> None:
+    cfg = bench.IndexBenchConfig(
+        n=3000, n_queries=40, n_tune_queries=40, work_dir=str(tmp_path), memory_budget="170M",
+        peer_result=str(tmp_path / "peer"),
+    )  # fmt: skip
+    paths = bench.prepare_data(cfg, log=lambda _: None)
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    truth = np.load(paths["truth"])
+    np.save(peer / "found.npy", truth)
+    (peer / "result.json").write_text(json.dumps({"factory": "X", "memory": "1G"}))
+    with pytest.raises(ValueError, match="budget 1G, not 170M"):
+        bench.load_peer_result(cfg, paths, log=lambda _: None)
+    (peer / "result.json").write_text(json.dumps({"factory": "X", "memory": "170M"}))
+    got = bench.load_peer_result(cfg, paths, log=lambda _: None)
+    assert got["recall_at_10"] == 1.0 and got["reused_from"] == str(peer)
+
+
+def test_a_reused_clipforge_run_must_have_the_same_settings(tmp_path: Path) -> None:
+    cfg = bench.IndexBenchConfig(n=3000, memory_budget="170M",
+                                 clipforge_result=str(tmp_path / "c.json"))  # fmt: skip
+    ran = {"config": {**bench.asdict(cfg), "memory_budget": "1G"},
+           "results": {"clipforge": {"factory": "Flat"}}}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(ran))
+    with pytest.raises(ValueError, match="memory_budget='1G'"):
+        bench.load_clipforge_result(cfg, log=lambda _: None)
+    ran["config"]["memory_budget"] = "170M"
+    (tmp_path / "c.json").write_text(json.dumps(ran))
+    assert bench.load_clipforge_result(cfg, log=lambda _: None)["factory"] == "Flat"
