@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,7 @@ from clipforge.pretrain.models import load_model, read_state_dict
 from clipforge.pretrain.parallelize import full_state_dicts
 from clipforge.pretrain.sharded_checkpoint import METADATA_NAME, SIDECAR_NAME
 from clipforge.pretrain.train import Trainer
-from tests.ports import free_port
+from tests.test_pretrain.launch import tiny_run_args, torchrun_two_ranks
 
 STEPS, HALF = 6, 3
 SHARDED = ("--set", "train.checkpoint_format=sharded")
@@ -35,23 +32,10 @@ ASYNC = (*SHARDED, "--set", "train.checkpoint_async=true")
 
 
 def _args(demo: Path, run: Path, batch: int, steps: int, *extra: str) -> list[str]:
-    return [
-        "--config", "tiny", "--set", f"data.train={demo}", "--set", f"train.run_dir={run}",
-        "--set", f"train.steps={steps}", "--set", "train.log_every=1",
-        "--set", f"train.checkpoint_every={HALF}", "--set", "train.progress=lines",
-        "--set", "optim.warmup_steps=2", "--set", "optim.lr=2e-3",
-        "--set", f"data.batch_size={batch}", *extra,
-    ]  # fmt: skip
+    return tiny_run_args(demo, run, batch, steps, HALF, *extra)
 
 
-def _torchrun(args: list[str]) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(free_port()), "-m", "clipforge.pretrain", *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+_torchrun = torchrun_two_ranks
 
 
 def _losses(run: Path) -> dict[int, float]:
