@@ -3,6 +3,7 @@
     python -m benchmarks.generalisation fetch            # npm pack the twemoji images (once)
     python -m benchmarks.generalisation run --seconds 120 --steps 800 --seeds 0,1,2 \\
         [--peer-python VENV/bin/python | --no-peer] [--settings time,steps] [--json OUT]
+    python -m benchmarks.generalisation ablate --steps 400 --seeds 0,1,2 [--variants a,b]
 
 Both tools train the same model (clipforge's demo model, ``clipforge-tiny``) on the same shards:
 Google's Noto emoji, the demo dataset clipforge ships. Both are then scored on *Twitter's*
@@ -771,6 +772,111 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     }
 
 
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "crop": ("data.augment=true",),
+    "crop-strong": ("data.augment=true", "data.crop_scale_min=0.5"),
+    "jitter": ("data.color_jitter=0.4",),
+    "grayscale": ("data.grayscale=0.2",),
+    "blur": ("data.blur=0.5",),
+    "style-all": (
+        "data.augment=true",
+        "data.crop_scale_min=0.5",
+        "data.color_jitter=0.4",
+        "data.grayscale=0.2",
+        "data.blur=0.5",
+    ),
+    "captions-as-written": ("data.caption_subsets=0", "data.caption_name_only=0"),
+    "no-name-only": ("data.caption_name_only=0",),
+    "temperature-clip": ("loss.init_logit_scale=2.6592",),
+    "warmup-10pct": ("optim.warmup_fraction=0.1",),
+}
+"""The ablation variants, each a list of ``--set`` overrides of clipforge's default recipe
+(``baseline``), fixed before any was measured. ``warmup-10pct`` is resolved against the run
+length: warmup = 10 % of ``--steps`` (the recipe's is 1 %)."""
+
+
+def _variant_overrides(name: str, extra: Sequence[str], steps: int) -> list[str]:
+    if name in ABLATIONS:
+        sets = list(ABLATIONS[name])
+    elif name.startswith("set:"):
+        sets = [s for s in name[4:].split(";") if s]
+    else:
+        raise BenchmarkError(
+            f"unknown variant {name!r}: one of {', '.join(ABLATIONS)}, or set:KEY=V;KEY=V"
+        )
+    out = []
+    for item in sets:
+        if item.startswith("optim.warmup_fraction="):
+            out.append(f"optim.warmup_steps={round(float(item.split('=')[1]) * steps)}")
+        else:
+            out.append(item)
+    return [*extra, *out]
+
+
+def run_ablation(
+    work: Path,
+    cache: Path,
+    train_data: Path | None,
+    variants: Sequence[str],
+    steps: int,
+    seeds: Sequence[int],
+    extra: Sequence[str] = (),
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train clipforge's recipe once per (variant, seed) for ``steps`` steps (equal steps, so
+    the figures do not depend on the machine's load) and score each on the unseen style."""
+    if train_data is None:
+        train_dir = work / "data" / "noto-train"
+        write_demo_shards(train_dir)
+    else:
+        train_dir = train_data
+    sets = build_test_sets(train_dir, cache / TWITTER_TGZ, work / "data")
+    recipes = {
+        v: clipforge_recipe(train_dir, _variant_overrides(v, extra, steps)) for v in variants
+    }
+    runs: list[dict[str, Any]] = []
+    info = setup("cpu")
+    try:
+        for seed in seeds:
+            for variant, recipe in recipes.items():
+                where = work / "ablation" / f"{variant.replace(':', '_')}-seed{seed}"
+                t = train_clipforge(recipe, where, steps, seed)
+                figures = evaluate(load_model(t.model, "cpu"), sets, info)
+                runs.append(
+                    {
+                        "setting": "steps",
+                        "tool": variant,
+                        "overrides": _variant_overrides(variant, extra, steps),
+                        "seed": seed,
+                        "steps": t.steps,
+                        "train_seconds": t.train_seconds,
+                        "last_loss": t.last_loss,
+                        **figures,
+                    }
+                )
+                log(
+                    f"{variant:<22} seed {seed}: {t.steps} steps in {t.train_seconds:.0f} s; "
+                    f"twemoji t2i R@10 {figures['twemoji_t2i_R@10']:.3f}, i2t R@10 "
+                    f"{figures['twemoji_i2t_R@10']:.3f}; Noto t2i R@10 "
+                    f"{figures['noto_t2i_R@10']:.3f}"
+                )
+    finally:
+        shutdown(info)
+    log("")
+    log(format_table(runs))
+    log(
+        f"(mean±std over seeds {', '.join(map(str, seeds))}; {steps} steps each; "
+        f"{sets.emoji} emoji)"
+    )
+    return {
+        "config": {"steps": steps, "seeds": list(seeds), "variants": list(variants)},
+        "variants": {v: _variant_overrides(v, extra, steps) for v in variants},
+        "runs": runs,
+        "summary": summarise(runs),
+    }
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
@@ -858,6 +964,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--json", type=Path, help="where the figures go (default WORK/generalisation.json)"
     )
+    a = sub.add_parser(
+        "ablate", help="clipforge's recipe with one change at a time, equal steps, seeds"
+    )
+    a.add_argument("--work", type=Path, default=Path(DEFAULT_WORK), help="(default %(default)s)")
+    a.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="(default %(default)s)")
+    a.add_argument(
+        "--train-data",
+        type=Path,
+        help="training shards whose .json name each emoji (default: the demo's Noto shards)",
+    )
+    a.add_argument(
+        "--variants",
+        default=",".join(ABLATIONS),
+        help="comma-separated: built-in names, or set:KEY=V;KEY=V (default: all, %(default)s)",
+    )
+    a.add_argument("--steps", type=int, default=DemoConfig().steps, help="(default %(default)s)")
+    a.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="(default 0,1,2)")
+    a.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override every variant's recipe (repeatable; default: none)",
+    )
+    a.add_argument("--json", type=Path, help="(default WORK/ablation.json)")
     return parser
 
 
@@ -869,6 +1001,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(f"{fetch(args.cache)}")
+            return 0
+        if args.command == "ablate":
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+            if args.steps < 1 or not variants:
+                raise BenchmarkError("--steps must be positive and --variants not empty")
+            for v in variants:  # a bad name or --set fails before any training
+                clipforge_recipe(Path("."), _variant_overrides(v, args.overrides, args.steps))
+            figures = run_ablation(
+                args.work,
+                args.cache,
+                args.train_data,
+                variants,
+                args.steps,
+                args.seeds,
+                tuple(args.overrides),
+                log=lambda line: print(line, flush=True),
+            )
+            out = args.json or args.work / "ablation.json"
+            write_json_atomic(out, figures)
+            print(f"figures -> {out}")
             return 0
         if args.steps < 1 or args.seconds <= 0 or args.timing_steps <= TIMING_EXCLUDED:
             raise BenchmarkError(

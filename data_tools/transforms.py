@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 # open_clip's defaults (OpenAI CLIP's dataset statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,8 +65,58 @@ def random_resized_crop_params(
 
 
 @dataclass(frozen=True)
+class StyleAugment:
+    """Photometric augmentations that change how an image is drawn, not what it shows: colour
+    jitter, grayscale and Gaussian blur, each drawn per sample (after the crop, before tensor
+    conversion). They are for transfer across image styles (a model trained on one emoji font
+    tested on another); open_clip's training transform has none of them. All off by default.
+    """
+
+    color_jitter: float = 0.0
+    """Strength s of the colour jitter (0: off): brightness, contrast and saturation factors
+    drawn uniformly from [1 - s, 1 + s] (floored at 0) and a hue shift from [-s/4, s/4] turns
+    (at most 0.5), applied in that order to 80 % of the samples (SimCLR's recipe)."""
+    grayscale: float = 0.0
+    """Probability of turning a sample to grayscale (kept as 3 channels)."""
+    blur: float = 0.0
+    """Probability of a Gaussian blur, sigma uniform in [0.1, 2.0] x side / 64 pixels (PIL's
+    GaussianBlur: ~50x faster on a small image than torchvision's tensor convolution)."""
+
+    def __post_init__(self) -> None:
+        for name, value, top in (
+            ("color_jitter", self.color_jitter, 2.0),
+            ("grayscale", self.grayscale, 1.0),
+            ("blur", self.blur, 1.0),
+        ):
+            if not 0.0 <= value <= top:
+                raise ValueError(f"{name} must be in [0, {top}], got {value}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is on."""
+        return bool(self.color_jitter or self.grayscale or self.blur)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        s = self.color_jitter
+        if s and rng.random() < 0.8:
+            low = max(0.0, 1.0 - s)
+            img = F.adjust_brightness(img, rng.uniform(low, 1.0 + s))
+            img = F.adjust_contrast(img, rng.uniform(low, 1.0 + s))
+            img = F.adjust_saturation(img, rng.uniform(low, 1.0 + s))
+            hue = min(0.5, s / 4)
+            img = F.adjust_hue(img, rng.uniform(-hue, hue))
+        if self.grayscale and rng.random() < self.grayscale:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        if self.blur and rng.random() < self.blur:
+            sigma = rng.uniform(0.1, 2.0) * max(img.width, img.height) / 64
+            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        return img
+
+
+@dataclass(frozen=True)
 class ClipSampleTransform:
-    """Per-sample half: resize shorter side + centre crop (eval) or random-resized-crop (train)."""
+    """Per-sample half: resize shorter side + centre crop (eval) or random-resized-crop (train),
+    then the optional style augmentations (training only: eval and embedding never set them)."""
 
     size: int
     """Output side length in pixels."""
@@ -74,6 +124,8 @@ class ClipSampleTransform:
     """Random-resized-crop (open_clip's training transform) instead of resize + centre crop."""
     scale: tuple[float, float] = (0.9, 1.0)
     """Area range of the random crop (open_clip's default)."""
+    style: StyleAugment = StyleAugment()
+    """Colour jitter / grayscale / blur, applied after the crop or resize (off by default)."""
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         bicubic = T.InterpolationMode.BICUBIC
@@ -85,6 +137,9 @@ class ClipSampleTransform:
             img = F.resized_crop(img, top, left, h, w, [self.size, self.size], bicubic)
         else:
             img = F.center_crop(F.resize(img, self.size, bicubic), [self.size, self.size])
+        if self.style.active:
+            # Its own stream (a string seed), so turning it on leaves every crop unchanged.
+            img = self.style(img, random.Random(f"style:{torch.initial_seed()}"))
         return pil_to_uint8_tensor(img)  # (3, S, S) uint8
 
 
@@ -171,13 +226,22 @@ def clip_image_transforms(
     train: bool = False,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    crop_scale_min: float = 0.9,
+    style: StyleAugment = StyleAugment(),
 ) -> tuple[Callable[[Image.Image], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """The (per-sample, per-batch) pair equivalent to ``open_clip.image_transform(size, train)``.
 
-    Eval: bit-identical output. Train: the same random-resized-crop distribution and resampling.
+    Eval: bit-identical output. Train: the same random-resized-crop distribution and resampling
+    (with the defaults; ``crop_scale_min`` below 0.9 crops harder, ``style`` adds photometric
+    augmentations).
     """
     if size <= 0:
         raise ValueError(f"image size must be positive, got {size}")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean/std must be 3 values each (std > 0), got {mean} / {std}")
-    return ClipSampleTransform(size, train), NormalizeBatch(tuple(mean), tuple(std))
+    if not 0.0 < crop_scale_min <= 1.0:
+        raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
+    return (
+        ClipSampleTransform(size, train, (crop_scale_min, 1.0), style),
+        NormalizeBatch(tuple(mean), tuple(std)),
+    )

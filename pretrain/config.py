@@ -87,7 +87,18 @@ class DataConfig:
     """Draw shards with replacement (endless; epochs independent of shard count) instead of
     exact passes over the shards."""
     augment: bool = True
-    """Random-resized-crop as open_clip's training transform (False: resize + centre crop)."""
+    """Random-resized-crop as open_clip's training transform (False: resize + centre crop).
+    The colour jitter, grayscale and blur below apply either way."""
+    crop_scale_min: float = 0.9
+    """Smallest area fraction the random-resized-crop keeps (open_clip's 0.9; lower crops
+    harder, e.g. 0.5; only with ``augment``)."""
+    color_jitter: float = 0.0
+    """Colour-jitter strength s (0: off): brightness, contrast, saturation factors in
+    [1 - s, 1 + s], hue shift in [-s/4, s/4], on 80 % of samples (``StyleAugment``)."""
+    grayscale: float = 0.0
+    """Probability of a grayscale training image."""
+    blur: float = 0.0
+    """Probability of a Gaussian blur of a training image (sigma 0.1–2.0 px per 64 px)."""
     caption_subsets: float = 0.0
     """Probability of replacing a tag-list caption ("name, tag, tag") by a random subset of its
     comma-separated parts, so that short queries are in distribution (0: captions as written)."""
@@ -116,6 +127,11 @@ class DataConfig:
             "<= 1",
             subsets + name_only,
         )
+        crop = self.crop_scale_min
+        _check(0 < crop <= 1, "data.crop_scale_min", "in (0, 1]", crop)
+        _check(0 <= self.color_jitter <= 2, "data.color_jitter", "in [0, 2]", self.color_jitter)
+        _check(0 <= self.grayscale <= 1, "data.grayscale", "in [0, 1]", self.grayscale)
+        _check(0 <= self.blur <= 1, "data.blur", "in [0, 1]", self.blur)
         _check(self.batch_size > 0, "data.batch_size", "> 0", self.batch_size)
         _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)

@@ -37,7 +37,11 @@ from clipforge.data_tools.reader import (
     parse_shard_spec,
 )
 from clipforge.data_tools.resplit import reseed_resampled, resplit_exact_pass
-from clipforge.data_tools.transforms import CaptionPartsSubset, clip_image_transforms
+from clipforge.data_tools.transforms import (
+    CaptionPartsSubset,
+    StyleAugment,
+    clip_image_transforms,
+)
 from clipforge.pretrain.checkpoint import (
     NoIntactCheckpoint,
     checkpoint_path,
@@ -571,6 +575,8 @@ class Trainer:
             train=cfg.data.augment,
             mean=self.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
             std=self.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+            crop_scale_min=cfg.data.crop_scale_min,
+            style=StyleAugment(cfg.data.color_jitter, cfg.data.grayscale, cfg.data.blur),
         )
         tokenizer = load_tokenizer(cfg.model.name)
         # drop_last: every rank's batch must have the same size for the gathered loss.

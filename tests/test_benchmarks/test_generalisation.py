@@ -184,6 +184,34 @@ def test_run_without_peer_prints_table_and_json(
     assert "setting  tool" in printed and "Noto t2i R@10" in printed
 
 
+def test_ablate_runs_each_variant_with_its_overrides(
+    styles: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train, tgz = styles
+    out = tmp_path / "ablation.json"
+    argv = [
+        "ablate", "--work", str(tmp_path / "work"), "--cache", str(tgz.parent),
+        "--train-data", str(train), "--steps", "3", "--seeds", "0",
+        "--variants", "baseline,style-all,warmup-10pct,set:data.grayscale=1.0",
+        "--set", "data.batch_size=8", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    by_variant = {r["tool"]: r for r in figures["runs"]}
+    assert list(by_variant) == ["baseline", "style-all", "warmup-10pct", "set:data.grayscale=1.0"]
+    assert by_variant["baseline"]["overrides"] == ["data.batch_size=8"]
+    assert "data.color_jitter=0.4" in by_variant["style-all"]["overrides"]
+    assert "optim.warmup_steps=0" in by_variant["warmup-10pct"]["overrides"]  # 10 % of 3 steps
+    assert by_variant["set:data.grayscale=1.0"]["overrides"][-1] == "data.grayscale=1.0"
+    # each run trained with its own recipe: the run's config.yaml says so
+    config = (tmp_path / "work" / "ablation" / "style-all-seed0" / "config.yaml").read_text()
+    assert "color_jitter: 0.4" in config and "crop_scale_min: 0.5" in config
+    for r in figures["runs"]:
+        assert r["steps"] == 3 and 0.0 <= r["twemoji_t2i_R@10"] <= 1.0
+    assert "style-all" in capsys.readouterr().out
+    assert main([*argv[:-2], "--variants", "no-such-variant"]) == 2
+
+
 def test_steps_for_seconds_and_the_table() -> None:
     # 10 steps of 8 at 80 samples/s = 1 s of steps in a 3 s run: 2 s fixed cost
     timing = Trained(Path("x"), 10, 8, 3.0, 80.0, 1.0, {})
