@@ -814,6 +814,22 @@ def _variant_overrides(name: str, extra: Sequence[str], steps: int) -> list[str]
     return [*extra, *out]
 
 
+def mine_hard_negatives(model: Path, train_dir: Path, work: Path) -> tuple[Path, float]:
+    """Embed the training shards with ``model`` and mine 4 hard negatives per image, through
+    the product's commands; (the negatives file, seconds both took)."""
+    from clipforge.index.cli import main as index_main
+
+    if work.exists():
+        shutil.rmtree(work)
+    emb, out = work / "emb", work / "hard_negatives.jsonl"
+    t0 = time.perf_counter()
+    embed = ["embed", "--model", str(model), "--data", str(train_dir), "--out", str(emb),
+             "--device", "cpu", "--workers", "1", "--progress", "none"]  # fmt: skip
+    if index_main(embed) != 0 or index_main(["mine", str(emb), "--out", str(out), "--k", "4"]):
+        raise BenchmarkError(f"embedding or mining {train_dir} with {model} failed (see above)")
+    return out, round(time.perf_counter() - t0, 2)
+
+
 def run_ablation(
     work: Path,
     cache: Path,
@@ -823,9 +839,15 @@ def run_ablation(
     seeds: Sequence[int],
     extra: Sequence[str] = (),
     log: Any = print,
+    stage2_steps: int = 0,
 ) -> dict[str, Any]:
     """Train clipforge's recipe once per (variant, seed) for ``steps`` steps (equal steps, so
-    the figures do not depend on the machine's load) and score each on the unseen style."""
+    the figures do not depend on the machine's load) and score each on the unseen style.
+
+    ``stage2_steps``: then, per seed, continue the baseline's model for that many steps twice,
+    without and with hard negatives mined by the baseline model (``clipforge-index embed`` of
+    the training shards, then ``clipforge-index mine``): whether mined negatives help, at equal
+    steps from the same weights."""
     if train_data is None:
         train_dir = work / "data" / "noto-train"
         write_demo_shards(train_dir)
@@ -835,32 +857,63 @@ def run_ablation(
     recipes = {
         v: clipforge_recipe(train_dir, _variant_overrides(v, extra, steps)) for v in variants
     }
+    if stage2_steps and "baseline" not in recipes:
+        raise BenchmarkError("--stage2-steps continues the baseline: include it in --variants")
     runs: list[dict[str, Any]] = []
     info = setup("cpu")
+
+    def train_and_score(variant: str, recipe: Config, n: int, seed: int, **more: Any) -> None:
+        where = work / "ablation" / f"{variant.replace(':', '_')}-seed{seed}"
+        t = train_clipforge(recipe, where, n, seed)
+        figures = evaluate(load_model(t.model, "cpu"), sets, info)
+        runs.append(
+            {
+                "setting": "steps",
+                "tool": variant,
+                "overrides": more.pop("overrides", _variant_overrides(variant, extra, n)),
+                "seed": seed,
+                "steps": t.steps,
+                "train_seconds": t.train_seconds,
+                "last_loss": t.last_loss,
+                **more,
+                **figures,
+            }
+        )
+        log(
+            f"{variant:<22} seed {seed}: {t.steps} steps in {t.train_seconds:.0f} s; "
+            f"twemoji t2i R@10 {figures['twemoji_t2i_R@10']:.3f}, i2t R@10 "
+            f"{figures['twemoji_i2t_R@10']:.3f}; Noto t2i R@10 "
+            f"{figures['noto_t2i_R@10']:.3f}"
+        )
+
     try:
         for seed in seeds:
             for variant, recipe in recipes.items():
-                where = work / "ablation" / f"{variant.replace(':', '_')}-seed{seed}"
-                t = train_clipforge(recipe, where, steps, seed)
-                figures = evaluate(load_model(t.model, "cpu"), sets, info)
-                runs.append(
-                    {
-                        "setting": "steps",
-                        "tool": variant,
-                        "overrides": _variant_overrides(variant, extra, steps),
-                        "seed": seed,
-                        "steps": t.steps,
-                        "train_seconds": t.train_seconds,
-                        "last_loss": t.last_loss,
-                        **figures,
-                    }
+                train_and_score(variant, recipe, steps, seed)
+            if stage2_steps:
+                base = work / "ablation" / f"baseline-seed{seed}" / "model"
+                negatives, mine_seconds = mine_hard_negatives(
+                    base, train_dir, work / "stage2" / f"seed{seed}"
                 )
-                log(
-                    f"{variant:<22} seed {seed}: {t.steps} steps in {t.train_seconds:.0f} s; "
-                    f"twemoji t2i R@10 {figures['twemoji_t2i_R@10']:.3f}, i2t R@10 "
-                    f"{figures['twemoji_i2t_R@10']:.3f}; Noto t2i R@10 "
-                    f"{figures['noto_t2i_R@10']:.3f}"
-                )
+                # Both continue from the baseline's weights for the same steps (a fresh warmup
+                # and decay); the only difference is the mined negatives.
+                for variant, more in (
+                    ("stage2-plain", []),
+                    (
+                        "stage2-hardneg",
+                        [f"data.hard_negatives={negatives}", "data.hard_negatives_per_sample=4"],
+                    ),
+                ):
+                    overrides = [*extra, f"model.init_checkpoint={base}", *more]
+                    recipe = clipforge_recipe(train_dir, overrides)
+                    train_and_score(
+                        variant,
+                        recipe,
+                        stage2_steps,
+                        seed,
+                        overrides=overrides,
+                        mine_seconds=mine_seconds if more else 0.0,
+                    )
     finally:
         shutdown(info)
     log("")
@@ -870,7 +923,14 @@ def run_ablation(
         f"{sets.emoji} emoji)"
     )
     return {
-        "config": {"steps": steps, "seeds": list(seeds), "variants": list(variants)},
+        "config": {
+            "steps": steps,
+            "stage2_steps": stage2_steps,
+            "seeds": list(seeds),
+            "variants": list(variants),
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+        },
         "variants": {v: _variant_overrides(v, extra, steps) for v in variants},
         "runs": runs,
         "summary": summarise(runs),
@@ -989,6 +1049,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override every variant's recipe (repeatable; default: none)",
     )
+    a.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=0,
+        help="then continue each seed's baseline this many steps without and with hard "
+        "negatives mined by it (default 0: not run)",
+    )
     a.add_argument("--json", type=Path, help="(default WORK/ablation.json)")
     return parser
 
@@ -1004,8 +1071,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "ablate":
             variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-            if args.steps < 1 or not variants:
-                raise BenchmarkError("--steps must be positive and --variants not empty")
+            if args.steps < 1 or args.stage2_steps < 0 or not variants:
+                raise BenchmarkError(
+                    "--steps must be positive, --stage2-steps not negative, --variants not empty"
+                )
             for v in variants:  # a bad name or --set fails before any training
                 clipforge_recipe(Path("."), _variant_overrides(v, args.overrides, args.steps))
             figures = run_ablation(
@@ -1017,6 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.seeds,
                 tuple(args.overrides),
                 log=lambda line: print(line, flush=True),
+                stage2_steps=args.stage2_steps,
             )
             out = args.json or args.work / "ablation.json"
             write_json_atomic(out, figures)
