@@ -105,7 +105,22 @@ class DataConfig:
     the schedule). Unset, a resume keeps the checkpoint's global batch: on another world size
     each rank's batch becomes global / world size (refused when that does not divide)."""
 
+    hard_negatives: str = ""
+    """A hard-negatives file (``clipforge-index mine EMB_DIR --out FILE``, EMB_DIR embedded from
+    these shards): each sample's mined captions join its image's row of the InfoNCE loss as
+    extra negatives (SigLIP: extra pairs labelled negative). Samples the file lacks train
+    without; metrics.jsonl counts them (``samples_without_hard_negatives``). "": none."""
+    hard_negatives_per_sample: int = 1
+    """With ``hard_negatives``: use each sample's first (most similar) N mined negatives; each
+    costs one more caption through the text tower per sample."""
+
     def __post_init__(self) -> None:
+        _check(
+            self.hard_negatives_per_sample >= 1,
+            "data.hard_negatives_per_sample",
+            ">= 1",
+            self.hard_negatives_per_sample,
+        )
         subsets = self.caption_subsets
         _check(0 <= subsets <= 1, "data.caption_subsets", "in [0, 1]", subsets)
         name_only = self.caption_name_only

@@ -71,6 +71,7 @@ from clipforge.pretrain.distributed import (
     new_cpu_group,
     shutdown,
 )
+from clipforge.pretrain.hard_negatives import load_hard_negatives, step_negatives
 from clipforge.pretrain.losses import make_loss
 from clipforge.pretrain.metrics_log import MetricsLog
 from clipforge.pretrain.models import build_model, export_open_clip, load_tokenizer
@@ -346,6 +347,8 @@ class Trainer:
             raise ConfigError(error)
         if cfg.train.precision == "fp16" and info.device.type == "cpu":
             log.warning("fp16 autocast on CPU is slow and rarely useful; bf16 is the CPU choice")
+        # read (and checked) before anything is written to the run directory
+        self.hard_negatives = load_hard_negatives(cfg.data, log_it=info.is_main)
 
     def _make_plan(self) -> _Plan:
         """Rank 0 reads the run directory and decides; every rank gets the decision (or the
@@ -601,6 +604,7 @@ class Trainer:
                 if cfg.data.caption_subsets or cfg.data.caption_name_only
                 else None
             ),
+            hard_negatives=self.hard_negatives,
         )
 
     def _batches(self) -> Generator[dict[str, Any], None, None]:
@@ -737,6 +741,7 @@ class Trainer:
             autocast=self.autocast,
             no_sync=getattr(self.model, "no_sync", None),
             grad_scaler=self.scaler,
+            **step_negatives(batch, self.info.device),
         )
         return out, text_positions
 
@@ -794,6 +799,12 @@ class Trainer:
     def _log(self, step_figures: dict[str, Any], lr: float) -> None:
         """One metrics line (every rank joins the loss mean; rank 0 writes)."""
         step_figures["loss"] = all_reduce_mean(step_figures["loss"], self.info)
+        if self.hard_negatives is not None:  # every rank's count (each reads its own samples)
+            without = self.loader.without_hard_negatives
+            world = self.info.world_size
+            step_figures["samples_without_hard_negatives"] = round(
+                all_reduce_mean(float(without), self.info) * world
+            )
         if not self.info.is_main:
             return
         assert self.metrics is not None
