@@ -332,6 +332,8 @@ class Trainer:
         sources = parse_shard_spec(cfg.data.train)
         if not cfg.data.resampled:
             check_exact_pass(sum(len(s.urls) for s in sources), info.world_size, cfg.data.workers)
+        # read and checked before the run directory is touched
+        self.hard_negatives = load_hard_negatives(cfg.data, log_it=info.is_main)
         error = None
         if info.is_main:
             try:
@@ -347,8 +349,6 @@ class Trainer:
             raise ConfigError(error)
         if cfg.train.precision == "fp16" and info.device.type == "cpu":
             log.warning("fp16 autocast on CPU is slow and rarely useful; bf16 is the CPU choice")
-        # read (and checked) before anything is written to the run directory
-        self.hard_negatives = load_hard_negatives(cfg.data, log_it=info.is_main)
 
     def _make_plan(self) -> _Plan:
         """Rank 0 reads the run directory and decides; every rank gets the decision (or the
