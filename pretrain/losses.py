@@ -157,13 +157,14 @@ def make_loss(kind: str) -> LossFn:
         raise ValueError(f"loss kind {kind!r} is not one of {', '.join(LOSS_KINDS)}")
 
     def loss_fn(out: dict[str, Any]) -> Tensor:
-        negatives = {
-            "negative_features": out.get("negative_features"),
-            "negative_mask": out.get("negative_mask"),
-        }
+        negatives, mask = out.get("negative_features"), out.get("negative_mask")
         if kind == "infonce":
             return contrastive_loss(
-                out["image_features"], out["text_features"], out["logit_scale"], **negatives
+                out["image_features"],
+                out["text_features"],
+                out["logit_scale"],
+                negative_features=negatives,
+                negative_mask=mask,
             )
         if out.get("logit_bias") is None:
             raise ValueError(
@@ -174,7 +175,8 @@ def make_loss(kind: str) -> LossFn:
             out["text_features"],
             out["logit_scale"],
             out["logit_bias"],
-            **negatives,
+            negative_features=negatives,
+            negative_mask=mask,
         )
 
     return loss_fn
