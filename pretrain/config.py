@@ -385,6 +385,9 @@ RESUME_MUTABLE = frozenset(
         "train.precision",
         "train.accum_steps",
         "data.allow_global_batch_change",  # (data.batch_size itself only with it set)
+        # re-mined with the model as it is now, mid-run: a side table, not the data position
+        "data.hard_negatives",
+        "data.hard_negatives_per_sample",
         "optim.lr",
         "optim.warmup_steps",
         "optim.schedule",

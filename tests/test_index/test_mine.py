@@ -111,15 +111,30 @@ def _embed(model: Path, data: str, out: Path) -> None:
     assert index_main(argv) == 0
 
 
+def _train_args(shards: Path, run: Path, steps: int) -> list[str]:
+    """A tiny exact-pass run: 48 samples in batches of 8 (accumulated in 2), 6 steps a pass."""
+    return [
+        "--config", "tiny", "--set", f"data.train={shards}", "--set", f"train.run_dir={run}",
+        "--set", f"train.steps={steps}", "--set", "train.log_every=3",
+        "--set", "train.checkpoint_every=3", "--set", "train.progress=lines",
+        "--set", "data.batch_size=8", "--set", "data.resampled=false", "--set", "data.workers=1",
+        "--set", "train.accum_steps=2",
+    ]  # fmt: skip
+
+
+def _embed_and_mine(model: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two shards, shard 0 embedded and mined (shard 1's samples have no negatives)."""
+    shards = _write_shards(tmp_path / "shards")
+    emb, out = tmp_path / "emb", tmp_path / "negatives.jsonl"
+    _embed(model, str(shards[0]), emb)
+    assert index_main(["mine", str(emb), "--out", str(out), "--k", "3", "--device", "cpu"]) == 0
+    return tmp_path / "shards", emb, out
+
+
 def test_mine_cli_on_embedded_shards_then_training_uses_the_negatives(
     random_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shards = _write_shards(tmp_path / "shards")
-    emb = tmp_path / "emb"
-    _embed(random_model, str(shards[0]), emb)  # only shard 0: shard 1's samples have none
-    out = tmp_path / "negatives.jsonl"
-    capsys.readouterr()
-    assert index_main(["mine", str(emb), "--out", str(out), "--k", "3", "--device", "cpu"]) == 0
+    shards, emb, out = _embed_and_mine(random_model, tmp_path)
     printed = capsys.readouterr().out
     assert f"mined 3 hard negatives for {SAMPLES_PER_SHARD} samples in" in printed
     header, table = read_hard_negatives(out)
@@ -132,20 +147,28 @@ def test_mine_cli_on_embedded_shards_then_training_uses_the_negatives(
     assert all(own[key] not in negs and len(negs) == 3 for key, negs in table.items())
 
     run = tmp_path / "run"
-    argv = [
-        "--config", "tiny", "--set", f"data.train={tmp_path / 'shards'}",
-        "--set", f"train.run_dir={run}", "--set", "train.steps=6", "--set", "train.log_every=3",
-        "--set", "train.checkpoint_every=6", "--set", "train.progress=lines",
-        "--set", "data.batch_size=8", "--set", "data.resampled=false", "--set", "data.workers=1",
-        "--set", "train.accum_steps=2",
-        "--set", f"data.hard_negatives={out}", "--set", "data.hard_negatives_per_sample=2",
-    ]  # fmt: skip
-    assert pretrain_main(argv) == 0
+    negatives = ["--set", f"data.hard_negatives={out}", "--set", "data.hard_negatives_per_sample=2"]
+    assert pretrain_main([*_train_args(shards, run, 6), *negatives]) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in lines if "loss" in r][-1]
     assert last["step"] == 6 and np.isfinite(last["loss"])
     # one exact pass over both shards: exactly shard 1's samples came without negatives
     assert last["samples_without_hard_negatives"] == SAMPLES_PER_SHARD
+
+
+def test_a_resume_may_add_negatives_mined_with_the_checkpoint(
+    random_model: Path, tmp_path: Path
+) -> None:
+    shards, _emb, out = _embed_and_mine(random_model, tmp_path)
+    run = tmp_path / "run"
+    assert pretrain_main(_train_args(shards, run, 3)) == 0
+    resumed = [*_train_args(shards, run, 6), "--set", f"data.hard_negatives={out}"]
+    assert pretrain_main([*resumed, "--set", "train.extend_schedule=continue_lr"]) == 0
+    restarts = (run / "restarts.jsonl").read_text().splitlines()
+    assert json.loads(restarts[-1])["changed"]["data.hard_negatives"] == ["", str(out)]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [3, 6]
+    assert "samples_without_hard_negatives" in lines[-1]
 
 
 def test_mine_refuses_an_emb_dir_without_text_and_training_a_bad_file(
