@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipforge.data_tools.hard_negatives import HardNegativeBatcher
 from clipforge.data_tools.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, to_rgb
 from clipforge.data_tools.shardformat import (
     IMAGE_MEMBER_EXTENSIONS,
@@ -466,6 +467,9 @@ class ShardStream(IterableDataset):
     message under ``error`` (which :class:`ShardLoader` raises), not as a wrapped traceback.
     ``caption_transform(caption, meta)`` rewrites each caption, given the sample's parsed .json
     (None when absent), e.g. :class:`clipforge.data_tools.transforms.CaptionPartsSubset`.
+    ``hard_negatives`` adds each sample's mined negative captions, tokenized, as
+    ``hard_negatives`` (B, k, L), ``hard_negatives_mask`` (B, k) and ``hard_negatives_missing``
+    (see :class:`clipforge.data_tools.hard_negatives.HardNegativeBatcher`; needs ``tokenizer``).
     """
 
     def __init__(
@@ -479,8 +483,11 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         position: StreamPosition = StreamPosition(),
         caption_transform: Callable[[str, Any], str] | None = None,
+        hard_negatives: HardNegativeBatcher | None = None,
     ) -> None:
         super().__init__()
+        if hard_negatives is not None and tokenizer is None:
+            raise ValueError("hard negatives are attached tokenized: give the stream a tokenizer")
         if not sources:
             raise ShardSpecError("no shard sources given")
         if not 0 <= rank < world_size:
@@ -494,6 +501,7 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.position = position
         self.caption_transform = caption_transform
+        self.hard_negatives = hard_negatives
 
     @property
     def num_shards(self) -> int:
@@ -695,17 +703,22 @@ class ShardStream(IterableDataset):
         text: Any = captions
         if self.tokenizer is not None and captions:
             text = self.tokenizer(captions)
-        return {
+        keys = [r[1] for r in rows]
+        batch = {
             "image": batch_images,
             "text": text,
             "caption": captions,
-            "key": [r[1] for r in rows],
+            "key": keys,
             "url": [r[2] for r in rows],
             "meta": [r[3] for r in rows],
             "skipped": skips.take(),
             "worker": worker,
             "consumed": n_raw,
         }
+        if self.hard_negatives is not None and self.tokenizer is not None and captions:
+            # in the worker processes, like the captions' own tokenization
+            batch.update(self.hard_negatives(keys, self.tokenizer))
+        return batch
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -760,7 +773,9 @@ class ShardLoader:
     """A DataLoader over a :class:`ShardStream` that sums skip counts and tracks the position.
 
     Iterating yields the non-empty batches; ``skipped`` holds counts by reason so far,
-    ``samples`` the samples delivered, and ``position`` what to save for an exact resume.
+    ``samples`` the samples delivered, ``without_hard_negatives`` how many of them had no mined
+    negatives (when the stream attaches them), and ``position`` what to save for an exact
+    resume.
     """
 
     def __init__(
@@ -780,6 +795,7 @@ class ShardLoader:
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.skipped: Counter[str] = Counter()
         self.samples = 0
+        self.without_hard_negatives = 0
         n = max(num_workers, 1)
         start = stream.position
         self._consumed = list(start.consumed) if start.consumed else [0] * n
@@ -825,6 +841,7 @@ class ShardLoader:
             self._next_worker = (batch["worker"] + 1) % n
             if batch["caption"]:
                 self.samples += len(batch["caption"])
+                self.without_hard_negatives += batch.get("hard_negatives_missing", 0)
                 yield batch
         if not self.stream.config.resampled:  # the pass is complete: the next one starts fresh
             self._epoch += 1
@@ -849,6 +866,7 @@ def make_loader(
     position: StreamPosition = StreamPosition(),
     pin_memory: bool = False,
     caption_transform: Callable[[str, Any], str] | None = None,
+    hard_negatives: HardNegativeBatcher | None = None,
 ) -> ShardLoader:
     """Build the standard loader for a SHARDS specification (see :func:`parse_shard_spec`)."""
     stream = ShardStream(
@@ -861,6 +879,7 @@ def make_loader(
         world_size,
         position,
         caption_transform,
+        hard_negatives,
     )
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 

@@ -8,6 +8,7 @@ clipforge-index embed  --model runs/tiny --data demo-data --out demo-emb
 clipforge-index build  --embeddings demo-emb --out demo-index [--kind auto --target-recall 0.95]
 clipforge-index search --index demo-index --text "a red heart" [-k 10] [--json]
 clipforge-index serve  --index demo-index [--host 127.0.0.1 --port 8000]
+clipforge-index mine   train-emb --out hard-negatives.jsonl [--k 4]   (for data.hard_negatives)
 torchrun --nproc-per-node 8 -m clipforge.index embed --model ... --data ... --out ...
 """
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n".join(__doc__.split("\n")[2:]),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_embed, _add_build, _add_search, _add_serve, _add_loadtest):
+    for add in (_add_embed, _add_build, _add_search, _add_serve, _add_loadtest, _add_mine):
         add(sub)
     return parser
 
@@ -292,6 +293,27 @@ def _add_loadtest(sub: Any) -> None:
     p.add_argument("--json", help="also write the figures to this file (None: do not)")
 
 
+def _add_mine(sub: Any) -> None:
+    """``mine``: hard negatives for training (index/mine.py)."""
+    p = sub.add_parser(
+        "mine",
+        help="mine hard negatives (nearest other captions of each image) for training",
+        description="For each sample of EMB_DIR (the training shards embedded with the current "
+        "model), the K captions nearest its image, its own caption(s) and equal texts excluded, "
+        "into a file for training's data.hard_negatives. Exact (chunked brute force): for "
+        "training sets up to a few million samples.",
+    )
+    p.add_argument("emb_dir", metavar="EMB_DIR", help="embeddings directory (image and text)")
+    p.add_argument("--out", required=True, metavar="FILE", help="hard-negatives file to write")
+    p.add_argument("--k", type=int, default=4, help="negatives per sample (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to score (default: %(default)s)")  # fmt: skip
+    p.add_argument("--query-chunk", type=int, default=1024,
+                   help="images scored at a time (default: %(default)s)")  # fmt: skip
+    p.add_argument("--caption-chunk", type=int, default=8192,
+                   help="captions scored at a time (default: %(default)s)")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -458,12 +480,33 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if result.errors == 0 and result.not_run == 0 else 1
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from .mine import MineConfig, mine
+
+    config = MineConfig(
+        emb_dir=args.emb_dir,
+        out=args.out,
+        k=args.k,
+        query_chunk=args.query_chunk,
+        caption_chunk=args.caption_chunk,
+        device=args.device,
+    )
+    result = mine(config)
+    short = f" ({result.without} with fewer: too few other captions)" if result.without else ""
+    print(
+        f"mined {args.k} hard negatives for {result.samples} samples{short} in "
+        f"{result.seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
 COMMANDS = {
     "embed": _cmd_embed,
     "build": _cmd_build,
     "search": _cmd_search,
     "serve": _cmd_serve,
     "loadtest": _cmd_loadtest,
+    "mine": _cmd_mine,
 }
 
 

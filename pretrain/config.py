@@ -116,7 +116,22 @@ class DataConfig:
     the schedule). Unset, a resume keeps the checkpoint's global batch: on another world size
     each rank's batch becomes global / world size (refused when that does not divide)."""
 
+    hard_negatives: str = ""
+    """A hard-negatives file (``clipforge-index mine EMB_DIR --out FILE``, EMB_DIR embedded from
+    these shards): each sample's mined captions join its image's row of the InfoNCE loss as
+    extra negatives (SigLIP: extra pairs labelled negative). Samples the file lacks train
+    without; metrics.jsonl counts them (``samples_without_hard_negatives``). "": none."""
+    hard_negatives_per_sample: int = 1
+    """With ``hard_negatives``: use each sample's first (most similar) N mined negatives; each
+    costs one more caption through the text tower per sample."""
+
     def __post_init__(self) -> None:
+        _check(
+            self.hard_negatives_per_sample >= 1,
+            "data.hard_negatives_per_sample",
+            ">= 1",
+            self.hard_negatives_per_sample,
+        )
         subsets = self.caption_subsets
         _check(0 <= subsets <= 1, "data.caption_subsets", "in [0, 1]", subsets)
         name_only = self.caption_name_only
@@ -386,6 +401,9 @@ RESUME_MUTABLE = frozenset(
         "train.precision",
         "train.accum_steps",
         "data.allow_global_batch_change",  # (data.batch_size itself only with it set)
+        # re-mined with the model as it is now, mid-run: a side table, not the data position
+        "data.hard_negatives",
+        "data.hard_negatives_per_sample",
         "optim.lr",
         "optim.warmup_steps",
         "optim.schedule",

@@ -5,6 +5,11 @@ global x global matrix. With DDP's gradient averaging, the mean of the per-rank 
 averaged gradients equal the single-process loss and gradients on the concatenated batch (tested
 against that oracle on 2-process gloo). Every rank must hold the same local batch size (the
 trainer drops incomplete batches), since labels are offset by ``rank x B_local``.
+
+Mined hard negatives (``data.hard_negatives``) are extra captions per sample, (B_local, k, D)
+features from the same text tower with a (B_local, k) mask of the real ones: they are gathered
+like the texts and become extra columns of every image's row (image->text only; no image is
+their positive), masked slots at -inf. Text->image is unchanged.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LossFn = Callable[[dict[str, Any]], Tensor]
-"""Maps an open_clip forward dict (image_features, text_features, logit_scale[, logit_bias]) to
-the scalar loss of this rank."""
+"""Maps an open_clip forward dict (image_features, text_features, logit_scale[, logit_bias]
+[, negative_features, negative_mask]) to the scalar loss of this rank."""
 
 LOSS_KINDS = ("infonce", "siglip")
 
@@ -41,13 +46,52 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def gather_mask(mask: Tensor) -> Tensor:
+    """All-gather a bool ``mask`` (B_local, ...) along dim 0 (no gradient); identity on one
+    process. Sent as uint8: not every backend all-gathers bools."""
+    _rank, world = _world()
+    if world == 1:
+        return mask
+    parts = [torch.empty_like(mask, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(parts, mask.to(torch.uint8))
+    return torch.cat(parts, dim=0).bool()
+
+
+def _negative_logits(
+    image_features: Tensor,
+    negative_features: Tensor,
+    negative_mask: Tensor,
+    logit_scale: Tensor,
+    gather: bool,
+) -> tuple[Tensor, Tensor]:
+    """Each local image against every rank's hard negatives: ``(logits, valid)``, both
+    (B_local, world x B_local x k); ``logits`` without bias, invalid slots left as computed."""
+    _rank, world = _world() if gather else (0, 1)
+    negatives = negative_features.reshape(-1, negative_features.shape[-1])  # (B_local*k, D)
+    valid = negative_mask.reshape(-1)  # (B_local*k,)
+    if gather and world > 1:
+        negatives = gather_with_grad(negatives)  # (world*B_local*k, D)
+        valid = gather_mask(valid)
+    logits = logit_scale * image_features @ negatives.T  # (B_local, world*B_local*k)
+    return logits, valid.unsqueeze(0).expand_as(logits)
+
+
 def contrastive_loss(
-    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *, gather: bool = True
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    gather: bool = True,
+    negative_features: Tensor | None = None,
+    negative_mask: Tensor | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE / NT-Xent (CLIP).
 
     ``image_features``/``text_features``: (B_local, D) L2-normalised; ``logit_scale``: the
     exponentiated inverse temperature. Mean over local rows of (CE(i->t) + CE(t->i)) / 2.
+    ``negative_features`` (B_local, k, D) L2-normalised with ``negative_mask`` (B_local, k)
+    bool (True: a real negative): extra image->text columns, masked ones at -inf (all masked:
+    exactly the plain loss).
     """
     rank, world = _world() if gather else (0, 1)
     local = image_features.shape[0]
@@ -58,6 +102,15 @@ def contrastive_loss(
         all_images, all_texts = image_features, text_features
     logits_per_image = logit_scale * image_features @ all_texts.T  # (B_local, B_global)
     logits_per_text = logit_scale * text_features @ all_images.T  # (B_local, B_global)
+    if negative_features is not None:
+        if negative_mask is None:
+            raise ValueError("negative_features given without negative_mask")
+        extra, valid = _negative_logits(
+            image_features, negative_features, negative_mask, logit_scale, gather
+        )
+        # -inf: a masked slot gets probability 0 and no gradient, as if the column were absent
+        extra = extra.masked_fill(~valid, float("-inf"))
+        logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B_local, B_global + N)
     labels = torch.arange(local, device=image_features.device) + rank * local
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
@@ -71,9 +124,13 @@ def siglip_loss(
     logit_bias: Tensor,
     *,
     gather: bool = True,
+    negative_features: Tensor | None = None,
+    negative_mask: Tensor | None = None,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss: -sum log sigmoid(y * (s * <i, t> + b)) / B_local, with
-    y = +1 for the matching pair and -1 for every other pair of the global batch."""
+    y = +1 for the matching pair and -1 for every other pair of the global batch. Hard
+    negatives (as :func:`contrastive_loss` takes them) add one pair labelled -1 per local image
+    and real negative of the global batch; masked slots add nothing."""
     rank, world = _world() if gather else (0, 1)
     local = image_features.shape[0]
     all_texts = gather_with_grad(text_features) if gather and world > 1 else text_features
@@ -81,7 +138,17 @@ def siglip_loss(
     targets = -torch.ones_like(logits)
     idx = torch.arange(local, device=logits.device)
     targets[idx, idx + rank * local] = 1.0
-    return -F.logsigmoid(targets * logits).sum() / local
+    loss = -F.logsigmoid(targets * logits).sum()
+    if negative_features is not None:
+        if negative_mask is None:
+            raise ValueError("negative_features given without negative_mask")
+        extra, valid = _negative_logits(
+            image_features, negative_features, negative_mask, logit_scale, gather
+        )
+        # where(), not a product with the mask: an excluded pair contributes exactly 0
+        pair = -F.logsigmoid(-(extra + logit_bias))  # (B_local, N): labelled -1
+        loss = loss + torch.where(valid, pair, torch.zeros_like(pair)).sum()
+    return loss / local
 
 
 def make_loss(kind: str) -> LossFn:
@@ -90,14 +157,26 @@ def make_loss(kind: str) -> LossFn:
         raise ValueError(f"loss kind {kind!r} is not one of {', '.join(LOSS_KINDS)}")
 
     def loss_fn(out: dict[str, Any]) -> Tensor:
+        negatives, mask = out.get("negative_features"), out.get("negative_mask")
         if kind == "infonce":
-            return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            return contrastive_loss(
+                out["image_features"],
+                out["text_features"],
+                out["logit_scale"],
+                negative_features=negatives,
+                negative_mask=mask,
+            )
         if out.get("logit_bias") is None:
             raise ValueError(
                 "the siglip loss needs a model with a logit_bias (build it with init_logit_bias)"
             )
         return siglip_loss(
-            out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            out["logit_bias"],
+            negative_features=negatives,
+            negative_mask=mask,
         )
 
     return loss_fn

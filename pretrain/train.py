@@ -75,6 +75,7 @@ from clipforge.pretrain.distributed import (
     new_cpu_group,
     shutdown,
 )
+from clipforge.pretrain.hard_negatives import load_hard_negatives, step_negatives
 from clipforge.pretrain.losses import make_loss
 from clipforge.pretrain.metrics_log import MetricsLog
 from clipforge.pretrain.models import build_model, export_open_clip, load_tokenizer
@@ -335,6 +336,8 @@ class Trainer:
         sources = parse_shard_spec(cfg.data.train)
         if not cfg.data.resampled:
             check_exact_pass(sum(len(s.urls) for s in sources), info.world_size, cfg.data.workers)
+        # read and checked before the run directory is touched
+        self.hard_negatives = load_hard_negatives(cfg.data, log_it=info.is_main)
         error = None
         if info.is_main:
             try:
@@ -607,6 +610,7 @@ class Trainer:
                 if cfg.data.caption_subsets or cfg.data.caption_name_only
                 else None
             ),
+            hard_negatives=self.hard_negatives,
         )
 
     def _batches(self) -> Generator[dict[str, Any], None, None]:
@@ -743,6 +747,7 @@ class Trainer:
             autocast=self.autocast,
             no_sync=getattr(self.model, "no_sync", None),
             grad_scaler=self.scaler,
+            **step_negatives(batch, self.info.device),
         )
         return out, text_positions
 
@@ -800,6 +805,12 @@ class Trainer:
     def _log(self, step_figures: dict[str, Any], lr: float) -> None:
         """One metrics line (every rank joins the loss mean; rank 0 writes)."""
         step_figures["loss"] = all_reduce_mean(step_figures["loss"], self.info)
+        if self.hard_negatives is not None:  # every rank's count (each reads its own samples)
+            without = self.loader.without_hard_negatives
+            world = self.info.world_size
+            step_figures["samples_without_hard_negatives"] = round(
+                all_reduce_mean(float(without), self.info) * world
+            )
         if not self.info.is_main:
             return
         assert self.metrics is not None
