@@ -870,7 +870,7 @@ def run_ablation(
             {
                 "setting": "steps",
                 "tool": variant,
-                "overrides": more.pop("overrides", _variant_overrides(variant, extra, n)),
+                "overrides": more.pop("overrides", None) or _variant_overrides(variant, extra, n),
                 "seed": seed,
                 "steps": t.steps,
                 "train_seconds": t.train_seconds,

@@ -212,6 +212,34 @@ def test_ablate_runs_each_variant_with_its_overrides(
     assert main([*argv[:-2], "--variants", "no-such-variant"]) == 2
 
 
+def test_ablate_stage2_continues_the_baseline_with_mined_negatives(
+    styles: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, tgz = styles
+    out = tmp_path / "ablation.json"
+    argv = [
+        "ablate", "--work", str(tmp_path / "work"), "--cache", str(tgz.parent),
+        "--train-data", str(train), "--steps", "2", "--seeds", "0", "--variants", "baseline",
+        "--stage2-steps", "2", "--set", "data.batch_size=8", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    runs = {r["tool"]: r for r in json.loads(out.read_text())["runs"]}
+    assert list(runs) == ["baseline", "stage2-plain", "stage2-hardneg"]
+    base_model = tmp_path / "work" / "ablation" / "baseline-seed0" / "model"
+    for name in ("stage2-plain", "stage2-hardneg"):
+        assert f"model.init_checkpoint={base_model}" in runs[name]["overrides"]
+        assert runs[name]["steps"] == 2
+    mined = tmp_path / "work" / "stage2" / "seed0" / "hard_negatives.jsonl"
+    assert f"data.hard_negatives={mined}" in runs["stage2-hardneg"]["overrides"]
+    assert runs["stage2-hardneg"]["mine_seconds"] > 0
+    # the mined file: one line per training emoji after its header, never the image's own name
+    lines = mined.read_text().splitlines()
+    assert json.loads(lines[0])["count"] == len(lines) - 1 == 12
+    metrics = tmp_path / "work" / "ablation" / "stage2-hardneg-seed0" / "metrics.jsonl"
+    assert json.loads(metrics.read_text().splitlines()[-1])["samples_without_hard_negatives"] == 0
+    assert main([*argv[:-4], "--variants", "crop", "--stage2-steps", "2"]) == 2
+
+
 def test_steps_for_seconds_and_the_table() -> None:
     # 10 steps of 8 at 80 samples/s = 1 s of steps in a 3 s run: 2 s fixed cost
     timing = Trained(Path("x"), 10, 8, 3.0, 80.0, 1.0, {})
