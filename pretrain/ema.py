@@ -113,15 +113,18 @@ class ModelEma:
         checkpoint saves, and loads into in place."""
         return self._shadow
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The whole shadow on the CPU by parameter name (a collective under FSDP2: every rank
-        calls, in the same order as the other collectives of a save)."""
+        calls, in the same order as the other collectives of a save). ``keep=False`` (ranks
+        that do not write): take part in the gathers, keep nothing (an empty dict), so only
+        one tensor at a time is whole on such a rank."""
         from torch.distributed.tensor import DTensor
 
         out = {}
         for name, s in self._shadow.items():
             full = s.full_tensor() if isinstance(s, DTensor) else s
-            out[name] = full.detach().to("cpu", copy=True)
+            if keep:
+                out[name] = full.detach().to("cpu", copy=True)
         return out
 
     @torch.no_grad()

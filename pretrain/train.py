@@ -904,7 +904,8 @@ class Trainer:
     def _save_whole(self, trainer_state: dict[str, Any]) -> str | None:
         """Gather the whole state on rank 0, which writes ``step-N.pt``; rank 0's error."""
         model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
-        ema_sd = self.ema.full_state_dict() if self.ema is not None else None  # every rank
+        # every rank joins the gathers; rank 0 keeps the result
+        ema_sd = None if self.ema is None else self.ema.full_state_dict(keep=self.info.is_main)
         if not self.info.is_main:
             return None
         folder = self.run_dir / "checkpoints"
@@ -974,10 +975,12 @@ class Trainer:
 
     def _export(self) -> Path | None:
         out, error = None, None
-        weights = full_model_state_dict(self.model)  # every rank
-        if self.ema is not None:  # model/ holds the EMA weights; the checkpoints keep the raw
-            weights = with_ema_weights(weights, self.ema.full_state_dict())  # every rank
+        weights = full_model_state_dict(self.model)  # every rank (whole on rank 0 only)
+        # every rank joins the gathers; rank 0 keeps the result
+        ema = self.ema.full_state_dict(keep=self.info.is_main) if self.ema is not None else None
         if self.info.is_main:
+            if ema is not None:  # model/ holds the EMA weights; the checkpoints keep the raw
+                weights = with_ema_weights(weights, ema)
             try:
                 out = export_open_clip(
                     unwrap(self.model),
