@@ -117,9 +117,16 @@ def test_the_exported_model_is_the_ema_replayed_from_each_steps_weights(
     demo: Path, tmp_path: Path
 ) -> None:
     run, decay = tmp_path / "run", 0.6
+    evaluated: dict[int, dict[str, torch.Tensor]] = {}
+
+    def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        evaluated[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {}
+
     trainer = Trainer(
-        _config(demo, run, "--set", f"train.ema_decay={decay}"),
+        _config(demo, run, "--set", f"train.ema_decay={decay}", "--set", "train.eval_every=2"),
         DistInfo(0, 1, 0, torch.device("cpu"), None),
+        eval_callback=evaluate,
     )
     try:
         # cloned: on the CPU the state dict's tensors are the parameters themselves
@@ -145,6 +152,36 @@ def test_the_exported_model_is_the_ema_replayed_from_each_steps_weights(
             assert torch.equal(value, raw[STEPS][name]), name
     # the EMA is not the raw weights (which the checkpoint keeps)
     assert not torch.equal(exported["visual.conv1.weight"], raw[STEPS]["visual.conv1.weight"])
+    # the evaluation callback saw the EMA weights; training went on from the raw ones (each
+    # step's checkpoint, written after its evaluation, holds both, and they differ)
+    assert sorted(evaluated) == [2, 4]
+    for step, weights in evaluated.items():
+        ckpt = _ckpt(run, step)
+        _assert_equal_state(weights, with_ema_weights(ckpt["model"], ckpt["ema"]))
+        assert not torch.equal(ckpt["ema"]["text_projection"], ckpt["model"]["text_projection"])
+
+
+def test_a_skipped_step_does_not_update_the_ema(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipforge.pretrain.train as train_module
+
+    calls = []
+    real = train_module.clip_grad_norm
+
+    def norm_inf_at_step_3(model: nn.Module, max_norm: float) -> float:
+        calls.append(None)
+        norm = real(model, max_norm)
+        return float("inf") if len(calls) == 3 else norm  # the step is then skipped
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", norm_inf_at_step_3)
+    run = tmp_path / "run"
+    train(_config(demo, run, "--set", "train.ema_decay=0.6"))
+    ckpt = {s: _ckpt(run, s) for s in (2, 3, 4)}
+    assert [ckpt[s]["nonfinite_steps"] for s in (2, 3, 4)] == [0, 1, 1]
+    assert [ckpt[s]["ema_updates"] for s in (2, 3, 4)] == [2, 2, 3]
+    _assert_equal_state(ckpt[2]["ema"], ckpt[3]["ema"])  # step 3 changed neither
+    _assert_equal_state(ckpt[2]["model"], ckpt[3]["model"])
 
 
 def _cut_back(run: Path, copy: Path, step: int) -> Path:
