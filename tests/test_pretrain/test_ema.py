@@ -210,6 +210,14 @@ def test_crash_resume_with_ema_equals_an_unbroken_run(
         _assert_equal_state(a["model"], b["model"])
     _assert_equal_state(_exported(straight), _exported(resumed))
     assert not torch.equal(a["ema"]["text_projection"], a["model"]["text_projection"])
+    # a re-run of the finished run exports model/ again only when it is not the EMA weights
+    exported = _exported(resumed)
+    written = (resumed / "model" / OPEN_CLIP_WEIGHTS_NAME).stat().st_mtime_ns
+    assert train(_config(demo, resumed, *extra)).already_complete
+    assert (resumed / "model" / OPEN_CLIP_WEIGHTS_NAME).stat().st_mtime_ns == written
+    shutil.rmtree(resumed / "model")
+    assert train(_config(demo, resumed, *extra)).already_complete
+    _assert_equal_state(_exported(resumed), exported)
 
 
 def test_turning_ema_on_or_off_on_resume(
