@@ -4,8 +4,9 @@ Two forms (``train.checkpoint_format``), listed, verified, pruned and resumed al
 
 - whole-state, ``checkpoints/step-N.pt``: gathered on rank 0 and written by it alone; holds the
   model, optimizer, grad scaler and scheduler states, the step and samples seen, every RNG
-  state, and the data stream position, plus the open_clip model config so that a checkpoint
-  alone can be loaded for inference;
+  state, and the data stream position (and, with ``train.ema_decay``, the weights' EMA under
+  ``ema`` with its update count ``ema_updates``), plus the open_clip model config so that a
+  checkpoint alone can be loaded for inference;
 - sharded, ``checkpoints/step-N/``: a ``torch.distributed.checkpoint`` directory, each rank
   writing its own shards, with the same non-tensor state in a sidecar
   (:mod:`~clipforge.pretrain.sharded_checkpoint`).
@@ -159,7 +160,7 @@ def _load_sharded(path: Path, verify: bool, tensors: bool) -> dict[str, Any]:
     try:
         state = read_sidecar(path)
         if tensors:
-            state.update(read_whole(path, keys={"model", "optimizer"}))
+            state.update(read_whole(path, keys={"model", "optimizer", "ema"}))
     except Exception as e:
         raise ValueError(
             f"sharded checkpoint {path} is unreadable ({type(e).__name__}: {e})"

@@ -310,9 +310,25 @@ class TrainConfig:
     warmup_steps, schedule, min_lr_ratio): ``rewarm`` warms up from the current rate to optim.lr
     over optim.warmup_steps then decays to the new end; ``continue_lr`` decays from the current
     rate to the new end. Unset, such a resume is refused."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average (EMA) of the trainable weights, in float32 (or the
+    parameters' dtype if wider), with this decay: after every optimizer step taken (not after a
+    step skipped for a non-finite loss) ``ema <- d * ema + (1 - d) * weights``. 0 turns it off;
+    must be in [0, 1), e.g. 0.999 (averages over roughly the last 1 / (1 - d) steps). When on,
+    the exported ``model/`` (what eval and index load) and the training-time evaluation
+    (``train.eval`` / ``train.eval_callback``) use the EMA weights; checkpoints hold both the raw
+    weights (what training continues from) and the EMA. Under FSDP the EMA is sharded like the
+    parameters. May change on resume: turned on for a checkpoint without an EMA, the EMA starts
+    from the checkpoint's weights; turned off, a checkpoint's EMA is ignored (both logged)."""
+    ema_warmup: bool = True
+    """With ``ema_decay``: warm the decay up as TensorFlow's ``ExponentialMovingAverage``
+    (``num_updates``) does, so the early average is not dominated by the random initial
+    weights: the n-th update (n = 0, 1, 2, ... EMA updates before it) uses
+    ``d = min(ema_decay, (1 + n) / (10 + n))``. false: ``d = ema_decay`` from the first."""
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "> 0", self.steps)
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0: off)", self.ema_decay)
         _check(self.accum_steps > 0, "train.accum_steps", "> 0", self.accum_steps)
         _check(self.log_every > 0, "train.log_every", "> 0", self.log_every)
         _check(self.checkpoint_every > 0, "train.checkpoint_every", "> 0", self.checkpoint_every)
@@ -395,6 +411,9 @@ RESUME_MUTABLE = frozenset(
         "train.eval",  # what is measured during training, not what is trained
         "train.max_nonfinite",
         "train.collective_timeout_s",
+        # the raw weights are what training continues from; the EMA rides along (see _resume)
+        "train.ema_decay",
+        "train.ema_warmup",
         "train.tensorboard",
         "train.progress",
         "train.device",

@@ -1,8 +1,9 @@
 """Sharded step checkpoints: a ``torch.distributed.checkpoint`` (DCP) directory per step.
 
 ``checkpoints/step-N/`` holds DCP's ``.metadata`` and one ``__R_0.distcp`` file per rank (each
-rank writes the shards it owns: FSDP2's parameter and Adam-moment shards, or its part of DDP's
-replicated tensors, which DCP writes once), plus ``trainer_state.pt``, a small sidecar with what
+rank writes the shards it owns: FSDP2's parameter and Adam-moment shards, and those of the
+weights' EMA when ``train.ema_decay`` is on, or its part of DDP's replicated tensors, which DCP
+writes once), plus ``trainer_state.pt``, a small sidecar with what
 is not a tensor of the model or optimizer (step, samples seen, per-rank RNG states, data
 positions, schedule, scaler, model config). Nothing is gathered on one rank, so a save costs
 each rank its own share of the state, and a checkpoint written by N ranks loads on M: DCP reads
@@ -155,15 +156,17 @@ def load_shards(
     optimizer: torch.optim.Optimizer,
     folder: str | os.PathLike[str],
     process_group: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Load a sharded checkpoint's model and optimizer state into ``model`` / ``optimizer`` as
-    they are wrapped now (another world size, FSDP2 or DDP: each rank reads its slices).
+    they are wrapped now (another world size, FSDP2 or DDP: each rank reads its slices), and
+    ``extra``'s tensors (top-level keys the checkpoint holds, e.g. ``{"ema": ...}``) in place.
     Every rank calls."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = model_optimizer_state(model, optimizer)
+    state = {**model_optimizer_state(model, optimizer), **(extra or {})}
     with _one_process_is_meant():
         dcp.load(
             state,

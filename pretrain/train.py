@@ -75,6 +75,7 @@ from clipforge.pretrain.distributed import (
     new_cpu_group,
     shutdown,
 )
+from clipforge.pretrain.ema import ModelEma, with_ema_weights
 from clipforge.pretrain.hard_negatives import load_hard_negatives, step_negatives
 from clipforge.pretrain.losses import make_loss
 from clipforge.pretrain.metrics_log import MetricsLog
@@ -121,7 +122,8 @@ from clipforge.pretrain.throughput import StepWindow, count_flops_per_sample, ut
 log = logging.getLogger(__name__)
 
 EvalCallback = Callable[[nn.Module, int], dict[str, float]]
-"""(model, step) -> metrics: called every ``train.eval_every`` steps on every rank."""
+"""(model, step) -> metrics: called every ``train.eval_every`` steps on every rank (with
+``train.ema_decay`` on, the model holds the EMA weights during the call)."""
 
 EvalCallbackFactory = Callable[[Config], EvalCallback]
 """What a ``clipforge.eval_callbacks`` entry point is: called once per rank with the run config
@@ -262,6 +264,10 @@ class Trainer:
         self._pending_save: PendingSave | None = None
         self.loss_fn = make_loss(config.loss.kind)
         self.optimizer = make_optimizer(unwrap(self.model), config)
+        # from the initial weights; _resume loads a checkpoint's EMA (or restarts it) into it
+        self.ema = (
+            ModelEma(unwrap(self.model), tc.ema_decay, tc.ema_warmup) if tc.ema_decay else None
+        )
         self.schedule: Schedule = schedule_from_state(self.plan.schedule)
         self._set_precision()
         self.nonfinite_steps = 0  # over the whole run (restored on resume)
@@ -304,7 +310,8 @@ class Trainer:
                 # loss is known on this rank (not averaged: that costs a collective per step).
                 loss = float(out["loss"])
                 grad_norm = self._clip_gradients()
-                self._optimizer_step(loss, grad_norm)
+                if self._optimizer_step(loss, grad_norm) and self.ema is not None:
+                    self.ema.update()  # only after a step taken: a skipped one changed nothing
                 self.step += 1
                 self.samples_seen += global_batch
                 window.add(global_batch, t_data, time.perf_counter() - t0, text_positions)
@@ -640,9 +647,12 @@ class Trainer:
             state = load_checkpoint(path, tensors=not sharded)
         self._state = None  # not kept for the whole run
         if sharded:  # each rank reads its own slices, whatever world size wrote them
-            load_shards(unwrap(self.model), self.optimizer, path)
+            ema = self.ema if "ema_updates" in state else None  # its shards, loaded in place
+            extra = {"ema": ema.state_dict()} if ema is not None else None
+            load_shards(unwrap(self.model), self.optimizer, path, extra=extra)
         else:
             load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        self._resume_ema(path, state, sharded)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -660,6 +670,29 @@ class Trainer:
             )
         positions = self.plan.positions or state["data_positions"]
         return StreamPosition.from_dict(positions[self.info.rank])
+
+    def _resume_ema(self, path: str, state: dict[str, Any], sharded: bool) -> None:
+        """The EMA after the model and optimizer loaded (every rank): the checkpoint's (a
+        sharded one's shards already loaded in place), or started from the checkpoint's
+        weights when it has none; a checkpoint's EMA is ignored with ``train.ema_decay=0``."""
+        has_ema = "ema_updates" in state
+        if self.ema is None:
+            if has_ema and self.info.is_main:
+                log.info("%s holds an EMA of the weights: ignored (train.ema_decay=0)", path)
+            return
+        if not has_ema:
+            self.ema.reset_to_model()
+            if self.info.is_main:
+                log.info(
+                    "%s holds no EMA of the weights: the EMA (train.ema_decay=%g) starts from "
+                    "its weights",
+                    path,
+                    self.ema.decay,
+                )
+            return
+        if not sharded:
+            self.ema.load_full_state_dict(state["ema"], where=path)
+        self.ema.updates = int(state["ema_updates"])
 
     def _record_start(self) -> None:
         """Now that the start is sure: config.yaml, metrics.jsonl cut back to the checkpoint
@@ -700,8 +733,11 @@ class Trainer:
             assert self.plan.checkpoint is not None
             state = self._state or load_checkpoint(self.plan.checkpoint)
             if "model" not in state:  # a sharded checkpoint's sidecar: read its whole weights
-                state = {**state, **read_whole(self.plan.checkpoint, keys={"model"})}
-            if not _export_matches(model_dir, state["model"]):
+                state = {**state, **read_whole(self.plan.checkpoint, keys={"model", "ema"})}
+            weights = state["model"]
+            if self.config.train.ema_decay and "ema" in state:  # as the run's end exported
+                weights = with_ema_weights(weights, state["ema"])
+            if not _export_matches(model_dir, weights):
                 log.info(
                     "model/ is missing or not %s's weights: exporting it", self.plan.checkpoint
                 )
@@ -711,7 +747,7 @@ class Trainer:
                         state["model_cfg"],
                         model_dir,
                         state.get("preprocess_cfg"),
-                        state=state["model"],
+                        state=weights,
                     )
                 except OutOfSpaceError as e:
                     error = str(e)
@@ -757,11 +793,13 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         return clip_grad_norm(self.model, self.config.optim.grad_clip or float("inf"))
 
-    def _optimizer_step(self, loss: float, grad_norm: float) -> None:
-        """Apply the gradients, or skip the step where any rank's loss or norm is not finite."""
+    def _optimizer_step(self, loss: float, grad_norm: float) -> bool:
+        """Apply the gradients, or skip the step where any rank's loss or norm is not finite;
+        whether the step was taken (the same on every rank)."""
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
         # every rank must skip the same step, or the replicas' weights would diverge
-        if all_reduce_max(float(bad), self.info) > 0:
+        taken = all_reduce_max(float(bad), self.info) == 0
+        if not taken:
             self._skip_step(loss, grad_norm)
         else:
             self._consecutive_bad = 0
@@ -772,6 +810,7 @@ class Trainer:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: no memset, no stale add
         self._clamp_logit_scale()
+        return taken
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         """Count a non-finite step; abort after ``train.max_nonfinite`` of them in a row (one
@@ -837,7 +876,9 @@ class Trainer:
 
     def _evaluate(self) -> None:
         assert self.eval_callback is not None and self.metrics is not None
-        results = self.eval_callback(unwrap(self.model), self.step)
+        # with EMA on, the weights evaluated are those model/ will hold
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            results = self.eval_callback(unwrap(self.model), self.step)
         self.model.train()
         if results:
             record = {"step": self.step, "samples_seen": self.samples_seen}
@@ -866,6 +907,8 @@ class Trainer:
             "preprocess_cfg": _plain(self.preprocess_cfg),
             "config": self.config.to_dict(),
         }
+        if self.ema is not None:  # its presence says the checkpoint holds an EMA
+            trainer_state["ema_updates"] = self.ema.updates
         if self.config.train.checkpoint_format == "sharded":
             error = self._save_sharded(trainer_state)
         else:
@@ -878,10 +921,14 @@ class Trainer:
     def _save_whole(self, trainer_state: dict[str, Any]) -> str | None:
         """Gather the whole state on rank 0, which writes ``step-N.pt``; rank 0's error."""
         model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)  # every rank
+        # every rank joins the gathers; rank 0 keeps the result
+        ema_sd = None if self.ema is None else self.ema.full_state_dict(keep=self.info.is_main)
         if not self.info.is_main:
             return None
         folder = self.run_dir / "checkpoints"
         state = {"model": model_sd, "optimizer": optim_sd, **trainer_state}
+        if ema_sd is not None:
+            state["ema"] = ema_sd
         try:
             save_checkpoint(folder, self.step, state, keep=self.config.train.keep_checkpoints)
         except OutOfSpaceError as e:
@@ -898,6 +945,8 @@ class Trainer:
         keep = self.config.train.keep_checkpoints
         sidecar = trainer_state if self.info.is_main else None
         state = model_optimizer_state(unwrap(self.model), self.optimizer)  # every rank
+        if self.ema is not None:  # each rank its shards (FSDP2), as the model's
+            state["ema"] = self.ema.state_dict()
         try:
             if self.config.train.checkpoint_async:
                 future = start_async_save(tmp, state, self._checkpoint_group)
@@ -943,8 +992,12 @@ class Trainer:
 
     def _export(self) -> Path | None:
         out, error = None, None
-        weights = full_model_state_dict(self.model)  # every rank
+        weights = full_model_state_dict(self.model)  # every rank (whole on rank 0 only)
+        # every rank joins the gathers; rank 0 keeps the result
+        ema = self.ema.full_state_dict(keep=self.info.is_main) if self.ema is not None else None
         if self.info.is_main:
+            if ema is not None:  # model/ holds the EMA weights; the checkpoints keep the raw
+                weights = with_ema_weights(weights, ema)
             try:
                 out = export_open_clip(
                     unwrap(self.model),
