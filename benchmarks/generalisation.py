@@ -790,6 +790,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "no-name-only": ("data.caption_name_only=0",),
     "temperature-clip": ("loss.init_logit_scale=2.6592",),
     "warmup-10pct": ("optim.warmup_fraction=0.1",),
+    "ema": ("train.ema_decay=0.99",),
 }
 """The ablation variants, each a list of ``--set`` overrides of clipforge's default recipe
 (``baseline``), fixed before any was measured. ``warmup-10pct`` is resolved against the run
