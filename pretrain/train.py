@@ -624,12 +624,15 @@ class Trainer:
         """Endless batches: a new exact pass starts when one ends."""
         while True:
             empty = True
-            # a pass re-split over a new world size may leave a rank nothing in that epoch
-            planned = self.loader.planned(self.loader.position.epoch)
+            position = self.loader.position
+            # a pass re-split over a new world size may leave a rank nothing in that epoch, and
+            # a checkpoint taken at the last batch of a pass resumes with nothing left in it
+            planned = self.loader.planned(position.epoch)
+            resumed_mid_pass = any(position.consumed)
             for batch in self.loader:
                 empty = False
                 yield batch
-            if empty and not planned:
+            if empty and not planned and not resumed_mid_pass:
                 raise TrainingAborted(
                     f"data.train {self.config.data.train!r} yielded no "
                     f"samples on rank {self.info.rank} (skipped: "

@@ -24,7 +24,7 @@ from clipforge.data_tools.reader import (
 )
 from clipforge.data_tools.resplit import resplit_exact_pass
 from clipforge.data_tools.transforms import clip_image_transforms
-from clipforge.pretrain.checkpoint import load_checkpoint
+from clipforge.pretrain.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint
 from clipforge.pretrain.cli import main
 from clipforge.pretrain.config import load_config
 from clipforge.pretrain.distributed import DistInfo
@@ -217,3 +217,34 @@ def test_exact_pass_two_ranks_to_one_reads_every_key_once(demo: Path, tmp_path: 
     assert len(everything) == 1911 and set(everything.values()) == {1}
     assert seen == everything  # every key of the epoch exactly once across the change
     assert "exact pass" in _restarts(run)[-1]["world_change"]["data"]
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_exact_pass(tmp_path: Path) -> None:
+    """A checkpoint taken at a pass's last batch holds "all consumed" of that pass: the resume
+    goes on with the next pass (it once aborted with "yielded no samples")."""
+    import tarfile
+
+    from tests.test_data_tools.shard_helpers import add_member, image_bytes, pattern_image
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"train-{s:06d}.tar", "w") as tar:
+            for pos in range(16):
+                key = f"{s:06d}{pos:04d}"
+                add_member(tar, f"{key}.png", image_bytes(pattern_image((16, 16), s * 16 + pos)))
+                add_member(tar, f"{key}.txt", f"item {s * 16 + pos}".encode())
+    exact = ("--set", "data.resampled=false", "--set", "data.workers=1")
+    # 32 samples in batches of 8: step 4 ends the first pass, and a checkpoint is taken there
+    straight = tmp_path / "straight"
+    assert main(tiny_run_args(shards, straight, 8, 6, 4, *exact)) == 0
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    # as if the job had died before step 6: only step 4's checkpoint, no export
+    remove_checkpoint(checkpoint_path(run / "checkpoints", 6))
+    shutil.rmtree(run / "model")
+    assert main(tiny_run_args(shards, run, 8, 6, 4, *exact)) == 0
+    assert _restarts(run)[-1]["step"] == 4
+    losses, expected = _metrics(run), _metrics(straight)
+    # the resumed run's new pass is the unbroken run's second pass, step for step
+    assert [losses[s]["loss"] for s in (5, 6)] == [expected[s]["loss"] for s in (5, 6)]
