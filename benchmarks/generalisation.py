@@ -958,6 +958,17 @@ def _settings(text: str) -> tuple[str, ...]:
     return settings
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """Where the benchmark works, its npm cache, and the training shards (run and ablate)."""
+    p.add_argument("--work", type=Path, default=Path(DEFAULT_WORK), help="(default %(default)s)")
+    p.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="(default %(default)s)")
+    p.add_argument(
+        "--train-data",
+        type=Path,
+        help="training shards whose .json name each emoji (default: the demo's Noto shards)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python -m {PROG}",
@@ -969,13 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help=f"npm pack {TWITTER_PACKAGE} into --cache")
     f.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="(default %(default)s)")
     r = sub.add_parser("run", help="train both tools, evaluate on twemoji, print the table")
-    r.add_argument("--work", type=Path, default=Path(DEFAULT_WORK), help="(default %(default)s)")
-    r.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="(default %(default)s)")
-    r.add_argument(
-        "--train-data",
-        type=Path,
-        help="training shards whose .json name each emoji (default: the demo's Noto shards)",
-    )
+    _add_data_options(r)
     r.add_argument(
         "--seconds",
         type=float,
@@ -1028,13 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "ablate", help="clipforge's recipe with one change at a time, equal steps, seeds"
     )
-    a.add_argument("--work", type=Path, default=Path(DEFAULT_WORK), help="(default %(default)s)")
-    a.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="(default %(default)s)")
-    a.add_argument(
-        "--train-data",
-        type=Path,
-        help="training shards whose .json name each emoji (default: the demo's Noto shards)",
-    )
+    _add_data_options(a)
     a.add_argument(
         "--variants",
         default=",".join(ABLATIONS),
