@@ -133,7 +133,8 @@ def read_hard_negatives(
     problem (and ``FileNotFoundError`` naming a missing file)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"hard-negatives file {p} not found (make it with "
+        what = "is a folder, not a file" if p.is_dir() else "not found"
+        raise FileNotFoundError(f"hard-negatives file {p} {what} (make it with "
                                 "`clipforge-index mine EMB_DIR --out FILE`)")  # fmt: skip
     table: dict[str, tuple[str, ...]] = {}
     header: HardNegativesHeader | None = None
@@ -200,8 +201,15 @@ class HardNegativeBatcher:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], per_sample: int) -> HardNegativeBatcher:
-        """Read ``path`` (see :func:`read_hard_negatives`)."""
-        _header, table = read_hard_negatives(path)
+        """Read ``path`` (see :func:`read_hard_negatives`); more negatives per sample than the
+        file was mined with is refused (the extra slots would all be empty, forwarded and
+        masked: compute for nothing)."""
+        header, table = read_hard_negatives(path)
+        if per_sample > header.k:
+            raise HardNegativesError(
+                f"{path}: {per_sample} negatives per sample asked, but the file was mined with "
+                f"k={header.k} (mine again with --k {per_sample}, or ask for at most {header.k})"
+            )
         return cls(table, per_sample)
 
     def __call__(

@@ -144,6 +144,11 @@ class DataConfig:
         )
         crop = self.crop_scale_min
         _check(0 < crop <= 1, "data.crop_scale_min", "in (0, 1]", crop)
+        if crop != 0.9 and not self.augment:
+            raise ConfigError(
+                f"data.crop_scale_min={crop} has no effect with data.augment=false (no random "
+                "crop): set data.augment=true, or leave data.crop_scale_min at 0.9"
+            )
         _check(0 <= self.color_jitter <= 2, "data.color_jitter", "in [0, 2]", self.color_jitter)
         _check(0 <= self.grayscale <= 1, "data.grayscale", "in [0, 1]", self.grayscale)
         _check(0 <= self.blur <= 1, "data.blur", "in [0, 1]", self.blur)

@@ -10,7 +10,8 @@ same mesh and placements, and every update touches the local shards only (no col
 :meth:`ModelEma.full_state_dict` gathers. A sharded checkpoint saves :meth:`ModelEma.state_dict`
 as it is (each rank its shards) and loads into it in place.
 
-Model code never imports torch.distributed; this module only names DTensor, as parallelize does.
+This is training code, not model code: like parallelize it names DTensor, and FSDPModule to
+reshard after an evaluation's swap; the model never imports torch.distributed.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ def load_hard_negatives(data: DataConfig, log_it: bool = True) -> HardNegativeBa
         batcher = HardNegativeBatcher.from_file(data.hard_negatives, data.hard_negatives_per_sample)
     except (HardNegativesError, FileNotFoundError, UnicodeDecodeError) as e:
         raise ConfigError(f"data.hard_negatives: {e}") from None
+    except OSError as e:  # unreadable
+        raise ConfigError(
+            f"data.hard_negatives: cannot read {data.hard_negatives}: {e.strerror or e}"
+        ) from None
     if log_it:
         with_any = sum(1 for v in batcher.table.values() if v)
         log.info(

@@ -46,34 +46,18 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def gather_mask(mask: Tensor) -> Tensor:
-    """All-gather a bool ``mask`` (B_local, ...) along dim 0 (no gradient); identity on one
-    process. Sent as uint8: not every backend all-gathers bools."""
-    _rank, world = _world()
-    if world == 1:
-        return mask
-    parts = [torch.empty_like(mask, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(parts, mask.to(torch.uint8))
-    return torch.cat(parts, dim=0).bool()
-
-
 def _negative_logits(
-    image_features: Tensor,
-    negative_features: Tensor,
-    negative_mask: Tensor,
-    logit_scale: Tensor,
-    gather: bool,
+    image_features: Tensor, negative_features: Tensor, negative_mask: Tensor, logit_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Each local image against every rank's hard negatives: ``(logits, valid)``, both
-    (B_local, world x B_local x k); ``logits`` without bias, invalid slots left as computed."""
-    _rank, world = _world() if gather else (0, 1)
-    negatives = negative_features.reshape(-1, negative_features.shape[-1])  # (B_local*k, D)
-    valid = negative_mask.reshape(-1)  # (B_local*k,)
-    if gather and world > 1:
-        negatives = gather_with_grad(negatives)  # (world*B_local*k, D)
-        valid = gather_mask(valid)
-    logits = logit_scale * image_features @ negatives.T  # (B_local, world*B_local*k)
-    return logits, valid.unsqueeze(0).expand_as(logits)
+    """Each local image against ITS OWN k hard negatives: ``(logits, valid)``, both
+    (B_local, k); ``logits`` without bias, invalid slots left as computed.
+
+    Only its own: another sample's mined captions may hold this image's caption (mining keeps
+    a sample's own caption out of its own list only), and scored against this image such a
+    column would be a false negative, as high as the positive. Row-local, so no gather either.
+    """
+    logits = logit_scale * torch.einsum("bd,bkd->bk", image_features, negative_features)
+    return logits, negative_mask  # (B_local, k) each
 
 
 def contrastive_loss(
@@ -90,8 +74,8 @@ def contrastive_loss(
     ``image_features``/``text_features``: (B_local, D) L2-normalised; ``logit_scale``: the
     exponentiated inverse temperature. Mean over local rows of (CE(i->t) + CE(t->i)) / 2.
     ``negative_features`` (B_local, k, D) L2-normalised with ``negative_mask`` (B_local, k)
-    bool (True: a real negative): extra image->text columns, masked ones at -inf (all masked:
-    exactly the plain loss).
+    bool (True: a real negative): each image's own mined captions as k extra image->text
+    columns, masked ones at -inf (all masked: exactly the plain loss).
     """
     rank, world = _world() if gather else (0, 1)
     local = image_features.shape[0]
@@ -106,11 +90,11 @@ def contrastive_loss(
         if negative_mask is None:
             raise ValueError("negative_features given without negative_mask")
         extra, valid = _negative_logits(
-            image_features, negative_features, negative_mask, logit_scale, gather
+            image_features, negative_features, negative_mask, logit_scale
         )
         # -inf: a masked slot gets probability 0 and no gradient, as if the column were absent
         extra = extra.masked_fill(~valid, float("-inf"))
-        logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B_local, B_global + N)
+        logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B_local, B_global + k)
     labels = torch.arange(local, device=image_features.device) + rank * local
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
@@ -130,7 +114,7 @@ def siglip_loss(
     """SigLIP's pairwise sigmoid loss: -sum log sigmoid(y * (s * <i, t> + b)) / B_local, with
     y = +1 for the matching pair and -1 for every other pair of the global batch. Hard
     negatives (as :func:`contrastive_loss` takes them) add one pair labelled -1 per local image
-    and real negative of the global batch; masked slots add nothing."""
+    and real negative of its own; masked slots add nothing."""
     rank, world = _world() if gather else (0, 1)
     local = image_features.shape[0]
     all_texts = gather_with_grad(text_features) if gather and world > 1 else text_features
@@ -143,7 +127,7 @@ def siglip_loss(
         if negative_mask is None:
             raise ValueError("negative_features given without negative_mask")
         extra, valid = _negative_logits(
-            image_features, negative_features, negative_mask, logit_scale, gather
+            image_features, negative_features, negative_mask, logit_scale
         )
         # where(), not a product with the mask: an excluded pair contributes exactly 0
         pair = -F.logsigmoid(-(extra + logit_bias))  # (B_local, N): labelled -1

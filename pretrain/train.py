@@ -738,7 +738,9 @@ class Trainer:
             if "model" not in state:  # a sharded checkpoint's sidecar: read its whole weights
                 state = {**state, **read_whole(self.plan.checkpoint, keys={"model", "ema"})}
             weights = state["model"]
-            if self.config.train.ema_decay and "ema" in state:  # as the run's end exported
+            # as the run's end exported: its last checkpoint holds an EMA exactly when the EMA
+            # was on then, whatever this re-run's train.ema_decay says
+            if "ema" in state:
                 weights = with_ema_weights(weights, state["ema"])
             if not _export_matches(model_dir, weights):
                 log.info(

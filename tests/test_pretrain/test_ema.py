@@ -218,6 +218,12 @@ def test_crash_resume_with_ema_equals_an_unbroken_run(
     shutil.rmtree(resumed / "model")
     assert train(_config(demo, resumed, *extra)).already_complete
     _assert_equal_state(_exported(resumed), exported)
+    # re-run without the EMA flag: the run's export is still its EMA, not replaced by raw weights
+    plain = [x for x in extra if "ema_decay" not in x and x != "--set"]
+    plain = [y for x in plain for y in ("--set", x)]
+    assert train(_config(demo, resumed, *plain)).already_complete
+    assert (resumed / "model" / OPEN_CLIP_WEIGHTS_NAME).exists()
+    _assert_equal_state(_exported(resumed), exported)
 
 
 def test_turning_ema_on_or_off_on_resume(

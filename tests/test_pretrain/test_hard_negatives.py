@@ -37,9 +37,9 @@ def _ce(row: list[float], target: int) -> float:
 
 def test_infonce_with_negatives_by_hand() -> None:
     s = torch.tensor(2.0)
-    # image rows: [2 <i, t_0>, 2 <i, t_1>] then every sample's real negatives, flattened
-    # (n00, n10, n11; n01 is masked): image 0 -> [1.6, 2.0, 1.2], image 1 -> [1.2, 0.0, 1.6]
-    li = (_ce([1.2, 0.0, 1.6, 2.0, 1.2], 0) + _ce([1.6, 2.0, 1.2, 0.0, 1.6], 1)) / 2
+    # image rows: [2 <i, t_0>, 2 <i, t_1>] then the image's OWN real negatives:
+    # image 0 -> n00 = 1.6 (n01 is masked), image 1 -> n10 = 0.0, n11 = 1.6
+    li = (_ce([1.2, 0.0, 1.6], 0) + _ce([1.6, 2.0, 0.0, 1.6], 1)) / 2
     lt = (_ce([1.2, 1.6], 0) + _ce([0.0, 2.0], 1)) / 2  # text->image: unchanged
     loss = contrastive_loss(IMG, TXT, s, negative_features=NEG, negative_mask=MASK)
     assert loss.item() == pytest.approx((li + lt) / 2, rel=1e-6)
@@ -61,11 +61,24 @@ def test_siglip_with_negatives_by_hand() -> None:
         for i in range(2)
         for j in range(2)
     )
-    # the real negatives n00, n10, n11 against each image, labelled -1: 2 <i, n> - 1
-    extra = [[0.6, 1.0, 0.2], [0.2, -1.0, 0.6]]
+    # each image's own real negatives, labelled -1: 2 <i, n> - 1 (n00; n10, n11)
+    extra = [[0.6], [-1.0, 0.6]]
     pairs = -sum(math.log(1 / (1 + math.exp(z))) for row in extra for z in row)
     loss = siglip_loss(IMG, TXT, s, b, negative_features=NEG, negative_mask=MASK)
     assert loss.item() == pytest.approx((base + pairs) / 2, rel=1e-6)
+
+
+def test_another_samples_negative_is_never_scored_against_this_image() -> None:
+    """Sample 1's mined negative may be sample 0's own caption: it must not become a negative
+    column of image 0 (it would be a false negative, as high as the positive)."""
+    s = torch.tensor(2.0)
+    neg = torch.stack([torch.tensor([[0.0, 1.0]]), TXT[:1]])  # (2, 1, 2): n10 == t_0
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loss = contrastive_loss(IMG, TXT, s, negative_features=neg, negative_mask=mask)
+    # image 0: [t_0, t_1, n00] only; image 1: [t_0, t_1, n10 (= t_0)]
+    li = (_ce([1.2, 0.0, 0.0], 0) + _ce([1.6, 2.0, 1.6], 1)) / 2
+    lt = (_ce([1.2, 1.6], 0) + _ce([0.0, 2.0], 1)) / 2
+    assert loss.item() == pytest.approx((li + lt) / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
@@ -201,3 +214,12 @@ def test_config_validates_and_a_bad_file_is_a_config_error_naming_it(tmp_path: P
     missing = load_config("tiny", [f"data.hard_negatives={tmp_path / 'none.jsonl'}"])
     with pytest.raises(ConfigError, match=r"none.jsonl not found"):
         load_hard_negatives(missing.data)
+    folder = load_config("tiny", [f"data.hard_negatives={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"is a folder, not a file"):
+        load_hard_negatives(folder.data)
+    good = tmp_path / "good.jsonl"
+    good.write_text(header + '{"key": "a", "negatives": ["x", "y"]}\n')
+    assert load_hard_negatives(load_config("tiny", [f"data.hard_negatives={good}"]).data)
+    more = load_config("tiny", [f"data.hard_negatives={good}", "data.hard_negatives_per_sample=3"])
+    with pytest.raises(ConfigError, match=r"3 negatives per sample asked, but .* k=2"):
+        load_hard_negatives(more.data)
