@@ -1,4 +1,5 @@
-"""Launching the tiny preset in tests: its command line, and a 2-rank gloo run under torchrun."""
+"""Launching in tests: the tiny preset's command line, a 2-rank gloo run of it under torchrun, and
+2 gloo worker processes of an oracle test."""
 
 from __future__ import annotations
 
@@ -33,3 +34,27 @@ def torchrun_two_ranks(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_two_gloo_workers(module: str, out: Path, *args: str) -> list[dict]:
+    """``python -m MODULE RANK 2 PORT *ARGS`` for ranks 0 and 1 (one thread each); asserts both
+    succeeded and returns what each saved as ``OUT/rank{R}.pt``."""
+    import torch
+
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, str(rank), "2", str(port), *args],
+            cwd=root,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]

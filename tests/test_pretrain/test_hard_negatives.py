@@ -5,10 +5,7 @@ concatenated batch (loss and every parameter's gradient)."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +16,8 @@ from clipforge.pretrain.config import ConfigError, load_config
 from clipforge.pretrain.hard_negatives import load_hard_negatives
 from clipforge.pretrain.losses import contrastive_loss, make_loss, siglip_loss
 from clipforge.pretrain.step import forward_backward
-from tests.ports import free_port
+from tests.test_pretrain.launch import run_two_gloo_workers
 from tests.test_pretrain.oracle_data import batch, tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 TXT = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
@@ -165,32 +160,9 @@ def test_step_refuses_mismatched_negatives() -> None:
 def test_two_rank_gloo_with_negatives_equals_one_process(
     kind: str, accum: int, tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.test_pretrain.hardneg_worker",
-                str(rank),
-                "2",
-                str(port),
-                kind,
-                str(tmp_path),
-                str(accum),
-            ],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_gloo_workers(
+        "tests.test_pretrain.hardneg_worker", tmp_path, kind, str(tmp_path), str(accum)
+    )
     loss, grads = _single_process(kind, 1)
     _assert_same_grads(ranks[0]["grads"], ranks[1]["grads"])
     _assert_same_grads(ranks[0]["grads"], grads)

@@ -4,9 +4,6 @@ process on the concatenated batch: same loss, same gradient for every parameter)
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +12,8 @@ import torch.nn.functional as F
 
 from clipforge.pretrain.losses import contrastive_loss, make_loss, siglip_loss
 from clipforge.pretrain.step import forward_backward
-from tests.ports import free_port
+from tests.test_pretrain.launch import run_two_gloo_workers
 from tests.test_pretrain.oracle_data import batch, tiny_model, varied_text_batch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_infonce_by_hand() -> None:
@@ -92,33 +87,9 @@ def test_two_rank_gloo_equals_one_process(kind: str, accum: int, wrap: str, tmp_
     """DDP on the fixed batch; FSDP on a batch whose halves split into different numbers of
     text length groups (rank 0: one, rank 1: two), which must not unbalance FSDP's per-block
     collectives."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.test_pretrain.oracle_worker",
-                str(rank),
-                "2",
-                str(port),
-                kind,
-                str(tmp_path),
-                str(accum),
-                wrap,
-            ],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_gloo_workers(
+        "tests.test_pretrain.oracle_worker", tmp_path, kind, str(tmp_path), str(accum), wrap
+    )
     loss, grads = _single_process(kind, varied=wrap == "fsdp")
     # DDP and FSDP average gradients, so every rank holds the same, already averaged, gradient
     _assert_same_grads(ranks[0]["grads"], ranks[1]["grads"])
