@@ -827,9 +827,13 @@ def _variant_overrides(name: str, extra: Sequence[str], steps: int) -> list[str]
     return [*extra, *out]
 
 
+STAGE2_NEGATIVES = 4
+"""Hard negatives mined per image for ``--stage2-steps``, and trained with per image."""
+
+
 def mine_hard_negatives(model: Path, train_dir: Path, work: Path) -> tuple[Path, float]:
-    """Embed the training shards with ``model`` and mine 4 hard negatives per image, through
-    the product's commands; (the negatives file, seconds both took)."""
+    """Embed the training shards with ``model`` and mine ``STAGE2_NEGATIVES`` hard negatives
+    per image, through the product's commands; (the negatives file, seconds both took)."""
     from clipforge.index.cli import main as index_main
 
     if work.exists():
@@ -838,7 +842,8 @@ def mine_hard_negatives(model: Path, train_dir: Path, work: Path) -> tuple[Path,
     t0 = time.perf_counter()
     embed = ["embed", "--model", str(model), "--data", str(train_dir), "--out", str(emb),
              "--device", "cpu", "--workers", "1", "--progress", "none"]  # fmt: skip
-    if index_main(embed) != 0 or index_main(["mine", str(emb), "--out", str(out), "--k", "4"]):
+    mine = ["mine", str(emb), "--out", str(out), "--k", str(STAGE2_NEGATIVES)]
+    if index_main(embed) != 0 or index_main(mine) != 0:
         raise BenchmarkError(f"embedding or mining {train_dir} with {model} failed (see above)")
     return out, round(time.perf_counter() - t0, 2)
 
@@ -867,23 +872,25 @@ def run_ablation(
     else:
         train_dir = train_data
     sets = build_test_sets(train_dir, cache / TWITTER_TGZ, work / "data")
-    recipes = {
-        v: clipforge_recipe(train_dir, _variant_overrides(v, extra, steps)) for v in variants
-    }
-    if stage2_steps and "baseline" not in recipes:
+    overrides = {v: _variant_overrides(v, extra, steps) for v in variants}
+    for variant_sets in overrides.values():  # a bad override fails before any training
+        clipforge_recipe(train_dir, variant_sets)
+    if stage2_steps and "baseline" not in overrides:
         raise BenchmarkError("--stage2-steps continues the baseline: include it in --variants")
     runs: list[dict[str, Any]] = []
     info = setup("cpu")
 
-    def train_and_score(variant: str, recipe: Config, n: int, seed: int, **more: Any) -> None:
+    def train_and_score(
+        variant: str, variant_sets: list[str], n: int, seed: int, **more: Any
+    ) -> None:
         where = work / "ablation" / f"{variant.replace(':', '_')}-seed{seed}"
-        t = train_clipforge(recipe, where, n, seed)
+        t = train_clipforge(clipforge_recipe(train_dir, variant_sets), where, n, seed)
         figures = evaluate(load_model(t.model, "cpu"), sets, info)
         runs.append(
             {
                 "setting": "steps",
                 "tool": variant,
-                "overrides": more.pop("overrides", None) or _variant_overrides(variant, extra, n),
+                "overrides": variant_sets,
                 "seed": seed,
                 "steps": t.steps,
                 "train_seconds": t.train_seconds,
@@ -901,8 +908,8 @@ def run_ablation(
 
     try:
         for seed in seeds:
-            for variant, recipe in recipes.items():
-                train_and_score(variant, recipe, steps, seed)
+            for variant, variant_sets in overrides.items():
+                train_and_score(variant, variant_sets, steps, seed)
             if stage2_steps:
                 base = work / "ablation" / f"baseline-seed{seed}" / "model"
                 negatives, mine_seconds = mine_hard_negatives(
@@ -910,21 +917,16 @@ def run_ablation(
                 )
                 # Both continue from the baseline's weights for the same steps (a fresh warmup
                 # and decay); the only difference is the mined negatives.
-                for variant, more in (
-                    ("stage2-plain", []),
-                    (
-                        "stage2-hardneg",
-                        [f"data.hard_negatives={negatives}", "data.hard_negatives_per_sample=4"],
-                    ),
-                ):
-                    overrides = [*extra, f"model.init_checkpoint={base}", *more]
-                    recipe = clipforge_recipe(train_dir, overrides)
+                with_negatives = [
+                    f"data.hard_negatives={negatives}",
+                    f"data.hard_negatives_per_sample={STAGE2_NEGATIVES}",
+                ]
+                for variant, more in (("stage2-plain", []), ("stage2-hardneg", with_negatives)):
                     train_and_score(
                         variant,
-                        recipe,
+                        [*extra, f"model.init_checkpoint={base}", *more],
                         stage2_steps,
                         seed,
-                        overrides=overrides,
                         mine_seconds=mine_seconds if more else 0.0,
                     )
     finally:
@@ -944,7 +946,7 @@ def run_ablation(
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
         },
-        "variants": {v: _variant_overrides(v, extra, steps) for v in variants},
+        "variants": overrides,
         "runs": runs,
         "summary": summarise(runs),
     }

@@ -35,6 +35,7 @@ from .emb_dir import (
     open_vectors,
     read_embeddings_manifest,
 )
+from .embed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,6 @@ def _metadata(emb_dir: Path, manifest: dict) -> tuple[list[str], list[str]]:
         keys.extend(table.column("key").to_pylist())
         captions.extend(table.column("caption").to_pylist())
     return keys, captions
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("mine: --device cuda was asked for but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def nearest_other_captions(
@@ -174,7 +167,7 @@ def mine(config: MineConfig) -> MineResult:
     t0 = time.perf_counter()
     d = Path(config.emb_dir)
     manifest = read_embeddings_manifest(d)
-    device = _device(config.device)
+    device = torch.device(resolve_device(config.device))
     keys, negatives = nearest_other_captions(
         d, config.k, config.query_chunk, config.caption_chunk, device
     )

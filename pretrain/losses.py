@@ -7,9 +7,9 @@ against that oracle on 2-process gloo). Every rank must hold the same local batc
 trainer drops incomplete batches), since labels are offset by ``rank x B_local``.
 
 Mined hard negatives (``data.hard_negatives``) are extra captions per sample, (B_local, k, D)
-features from the same text tower with a (B_local, k) mask of the real ones: they are gathered
-like the texts and become extra columns of every image's row (image->text only; no image is
-their positive), masked slots at -inf. Text->image is unchanged.
+features from the same text tower with a (B_local, k) mask of the real ones: they become extra
+columns of their own image's row only (image->text only; no image is their positive; not
+gathered), masked slots at -inf. Text->image is unchanged.
 """
 
 from __future__ import annotations
@@ -47,17 +47,23 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 
 def _negative_logits(
-    image_features: Tensor, negative_features: Tensor, negative_mask: Tensor, logit_scale: Tensor
+    image_features: Tensor,
+    negative_features: Tensor,
+    negative_mask: Tensor | None,
+    logit_scale: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Each local image against ITS OWN k hard negatives: ``(logits, valid)``, both
-    (B_local, k); ``logits`` without bias, invalid slots left as computed.
+    """Each local image against ITS OWN k hard negatives: ``(logits, mask)``, both (B_local, k),
+    the logits without bias and with masked slots left as computed (each loss drops them its
+    own way), the mask checked to be there.
 
     Only its own: another sample's mined captions may hold this image's caption (mining keeps
     a sample's own caption out of its own list only), and scored against this image such a
     column would be a false negative, as high as the positive. Row-local, so no gather either.
     """
+    if negative_mask is None:
+        raise ValueError("negative_features given without negative_mask")
     logits = logit_scale * torch.einsum("bd,bkd->bk", image_features, negative_features)
-    return logits, negative_mask  # (B_local, k) each
+    return logits, negative_mask
 
 
 def contrastive_loss(
@@ -87,13 +93,11 @@ def contrastive_loss(
     logits_per_image = logit_scale * image_features @ all_texts.T  # (B_local, B_global)
     logits_per_text = logit_scale * text_features @ all_images.T  # (B_local, B_global)
     if negative_features is not None:
-        if negative_mask is None:
-            raise ValueError("negative_features given without negative_mask")
-        extra, valid = _negative_logits(
+        extra, mask = _negative_logits(
             image_features, negative_features, negative_mask, logit_scale
         )
         # -inf: a masked slot gets probability 0 and no gradient, as if the column were absent
-        extra = extra.masked_fill(~valid, float("-inf"))
+        extra = extra.masked_fill(~mask, float("-inf"))
         logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # (B_local, B_global + k)
     labels = torch.arange(local, device=image_features.device) + rank * local
     return (
@@ -124,14 +128,12 @@ def siglip_loss(
     targets[idx, idx + rank * local] = 1.0
     loss = -F.logsigmoid(targets * logits).sum()
     if negative_features is not None:
-        if negative_mask is None:
-            raise ValueError("negative_features given without negative_mask")
-        extra, valid = _negative_logits(
+        extra, mask = _negative_logits(
             image_features, negative_features, negative_mask, logit_scale
         )
         # where(), not a product with the mask: an excluded pair contributes exactly 0
-        pair = -F.logsigmoid(-(extra + logit_bias))  # (B_local, N): labelled -1
-        loss = loss + torch.where(valid, pair, torch.zeros_like(pair)).sum()
+        pair = -F.logsigmoid(-(extra + logit_bias))  # (B_local, k): labelled -1
+        loss = loss + torch.where(mask, pair, torch.zeros_like(pair)).sum()
     return loss / local
 
 

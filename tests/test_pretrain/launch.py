@@ -1,13 +1,15 @@
-"""Launching in tests: the tiny preset's command line, a 2-rank gloo run of it under torchrun, and
-2 gloo worker processes of an oracle test."""
+"""Launching in tests: the tiny preset's command line, a 2-rank gloo run of it under torchrun,
+2 gloo worker processes of an oracle test, and a run directory cut back as a crash leaves it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from clipforge.pretrain.checkpoint import list_checkpoints, remove_checkpoint
 from tests.ports import free_port
 
 
@@ -58,3 +60,14 @@ def run_two_gloo_workers(module: str, out: Path, *args: str) -> list[dict]:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def cut_back(run: Path, copy: Path, step: int) -> Path:
+    """A copy of ``run`` as a crash after its checkpoint of ``step`` leaves it: the later
+    checkpoints (either form) and the export gone."""
+    shutil.copytree(run, copy)
+    for s, path in list_checkpoints(copy / "checkpoints"):
+        if s > step:
+            remove_checkpoint(path)
+    shutil.rmtree(copy / "model")
+    return copy

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -24,14 +23,14 @@ from clipforge.data_tools.reader import (
 )
 from clipforge.data_tools.resplit import resplit_exact_pass
 from clipforge.data_tools.transforms import clip_image_transforms
-from clipforge.pretrain.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint
+from clipforge.pretrain.checkpoint import load_checkpoint
 from clipforge.pretrain.cli import main
 from clipforge.pretrain.config import load_config
 from clipforge.pretrain.distributed import DistInfo
 from clipforge.pretrain.parallelize import full_state_dicts
 from clipforge.pretrain.train import Trainer
 from tests.ports import free_port
-from tests.test_pretrain.launch import tiny_run_args, torchrun_two_ranks
+from tests.test_pretrain.launch import cut_back, tiny_run_args, torchrun_two_ranks
 
 STEPS, HALF = 16, 8
 
@@ -50,14 +49,6 @@ def _metrics(run: Path) -> dict[int, dict]:
 
 def _restarts(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()]
-
-
-def _cut_back(run: Path, copy: Path) -> Path:
-    """A copy of ``run`` as if it had been stopped after its mid-run checkpoint."""
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / f"step-{STEPS}.pt").unlink()
-    shutil.rmtree(copy / "model")
-    return copy
 
 
 def _assert_continues(resumed: dict[int, dict], reference: dict[int, dict]) -> None:
@@ -104,7 +95,7 @@ def test_two_ranks_to_one_and_fsdp_checkpoint_resume_on_one(demo: Path, tmp_path
     reference = _metrics(straight)
     assert reference[STEPS]["samples_seen"] == STEPS * 64
 
-    moved = _cut_back(straight, tmp_path / "ddp-2-then-1")
+    moved = cut_back(straight, tmp_path / "ddp-2-then-1", HALF)
     _resume_state_equals_checkpoint(demo, moved, 32)
     assert main(_args(demo, moved, 32)) == 0  # the same command, now on 1 process
     resumed = _metrics(moved)
@@ -119,7 +110,7 @@ def test_two_ranks_to_one_and_fsdp_checkpoint_resume_on_one(demo: Path, tmp_path
     # FSDP (whole, name-keyed checkpoints) 2 -> 1: loads the same, trains the same as DDP's
     fsdp_straight = tmp_path / "fsdp-2"
     _torchrun(_args(demo, fsdp_straight, 32, STEPS, "--set", "model.fsdp=true"))
-    fsdp = _cut_back(fsdp_straight, tmp_path / "fsdp-2-then-1")
+    fsdp = cut_back(fsdp_straight, tmp_path / "fsdp-2-then-1", HALF)
     _resume_state_equals_checkpoint(demo, fsdp, 32)
     assert main(_args(demo, fsdp, 32, STEPS, "--set", "model.fsdp=true")) == 0
     fsdp_resumed = _metrics(fsdp)
@@ -130,7 +121,7 @@ def test_two_ranks_to_one_and_fsdp_checkpoint_resume_on_one(demo: Path, tmp_path
 def test_one_rank_to_two_keeps_the_global_batch(demo: Path, tmp_path: Path) -> None:
     straight = tmp_path / "one"
     assert main(_args(demo, straight, 64)) == 0
-    moved = _cut_back(straight, tmp_path / "one-then-two")
+    moved = cut_back(straight, tmp_path / "one-then-two", HALF)
     _torchrun(_args(demo, moved, 64))  # the same command, now on 2 ranks
     _assert_continues(_metrics(moved), _metrics(straight))
     start, record = _restarts(moved)
@@ -238,11 +229,7 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_exact_pass(tmp_path: Path) ->
     # 32 samples in batches of 8: step 4 ends the first pass, and a checkpoint is taken there
     straight = tmp_path / "straight"
     assert main(tiny_run_args(shards, straight, 8, 6, 4, *exact)) == 0
-    run = tmp_path / "run"
-    shutil.copytree(straight, run)
-    # as if the job had died before step 6: only step 4's checkpoint, no export
-    remove_checkpoint(checkpoint_path(run / "checkpoints", 6))
-    shutil.rmtree(run / "model")
+    run = cut_back(straight, tmp_path / "run", 4)  # as if the job had died before step 6
     assert main(tiny_run_args(shards, run, 8, 6, 4, *exact)) == 0
     assert _restarts(run)[-1]["step"] == 4
     losses, expected = _metrics(run), _metrics(straight)

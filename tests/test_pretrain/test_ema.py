@@ -21,7 +21,7 @@ from clipforge.pretrain.ema import ModelEma, ema_decay_at, with_ema_weights
 from clipforge.pretrain.models import OPEN_CLIP_WEIGHTS_NAME
 from clipforge.pretrain.parallelize import full_model_state_dict
 from clipforge.pretrain.train import Trainer, train
-from tests.test_pretrain.launch import tiny_run_args, torchrun_two_ranks
+from tests.test_pretrain.launch import cut_back, tiny_run_args, torchrun_two_ranks
 
 STEPS = 4
 SHARDED = "train.checkpoint_format=sharded"
@@ -184,16 +184,6 @@ def test_a_skipped_step_does_not_update_the_ema(
     _assert_equal_state(ckpt[2]["model"], ckpt[3]["model"])
 
 
-def _cut_back(run: Path, copy: Path, step: int) -> Path:
-    """A copy of ``run`` as a crash after its checkpoint of ``step`` leaves it."""
-    shutil.copytree(run, copy)
-    for s, path in list_checkpoints(copy / "checkpoints"):
-        if s > step:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(copy / "model")
-    return copy
-
-
 @pytest.mark.parametrize("form", ["whole", "sharded"])
 def test_crash_resume_with_ema_equals_an_unbroken_run(
     demo: Path, tmp_path: Path, form: str
@@ -201,7 +191,7 @@ def test_crash_resume_with_ema_equals_an_unbroken_run(
     extra = ["--set", "train.ema_decay=0.7"] + (["--set", SHARDED] if form == "sharded" else [])
     straight = tmp_path / "straight"
     train(_config(demo, straight, *extra))
-    resumed = _cut_back(straight, tmp_path / "resumed", 2)
+    resumed = cut_back(straight, tmp_path / "resumed", 2)
     train(_config(demo, resumed, *extra))
     for step in (3, STEPS):
         a, b = _ckpt(straight, step), _ckpt(resumed, step)
@@ -236,7 +226,7 @@ def test_turning_ema_on_or_off_on_resume(
 
     # on, from a checkpoint without one: the EMA starts at step 2's weights
     decay = 0.5
-    on = _cut_back(plain, tmp_path / "on", 2)
+    on = cut_back(plain, tmp_path / "on", 2)
     train(_config(demo, on, "--set", f"train.ema_decay={decay}", "--set", "train.ema_warmup=false"))
     assert "holds no EMA of the weights: the EMA (train.ema_decay=0.5) starts" in caplog.text
     raw = {s: _ckpt(on, s)["model"] for s in (2, 3, 4)}
@@ -249,7 +239,7 @@ def test_turning_ema_on_or_off_on_resume(
 
     # off, from a checkpoint with one: ignored, model/ holds the raw weights
     caplog.clear()
-    off = _cut_back(on, tmp_path / "off", 3)
+    off = cut_back(on, tmp_path / "off", 3)
     train(_config(demo, off))
     assert "holds an EMA of the weights: ignored (train.ema_decay=0)" in caplog.text
     assert "ema" not in _ckpt(off, STEPS)
@@ -270,7 +260,7 @@ def test_fsdp_two_ranks_sharded_ema_exports_and_resumes_on_one_process(
     assert not torch.equal(final["ema"]["text_projection"], final["model"]["text_projection"])
     # FSDP 2 ranks -> 1 process: DCP reshards step 2's EMA, which goes on from there (on
     # other batches: the data streams are re-split), as replayed from the raw weights
-    cut = _cut_back(run, tmp_path / "then-1", 2)
+    cut = cut_back(run, tmp_path / "then-1", 2)
     train(load_config("tiny", tiny_run_args(demo, cut, 16, STEPS, 1, *args)[3::2]))
     ema, raw = _ckpt(run, 2)["ema"], {s: _ckpt(cut, s)["model"] for s in (3, 4)}
     for n in (2, 3):  # the EMA updates before steps 3 and 4: d = min(0.7, (1 + n) / (10 + n))

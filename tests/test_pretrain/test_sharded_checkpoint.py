@@ -24,7 +24,7 @@ from clipforge.pretrain.models import load_model, read_state_dict
 from clipforge.pretrain.parallelize import full_state_dicts
 from clipforge.pretrain.sharded_checkpoint import METADATA_NAME, SIDECAR_NAME
 from clipforge.pretrain.train import Trainer
-from tests.test_pretrain.launch import tiny_run_args, torchrun_two_ranks
+from tests.test_pretrain.launch import cut_back, tiny_run_args, torchrun_two_ranks
 
 STEPS, HALF = 6, 3
 SHARDED = ("--set", "train.checkpoint_format=sharded")
@@ -78,16 +78,6 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
     _assert_same(*torch_rng, f"{a.name}:rng_per_rank.torch")
 
 
-def _cut_back(run: Path, copy: Path, step: int) -> Path:
-    """A copy of ``run`` as if it had been stopped after its checkpoint of ``step``."""
-    shutil.copytree(run, copy)
-    for s, path in list_checkpoints(copy / "checkpoints"):
-        if s > step:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(copy / "model")
-    return copy
-
-
 def _loaded_on_one_process(demo: Path, run: Path, batch: int, *extra: str) -> dict[str, Any]:
     """What a 1-process resume of ``run`` holds after loading: whole model + optimizer state."""
     config = load_config("tiny", _args(demo, run, batch, STEPS, *extra)[3::2])
@@ -127,8 +117,8 @@ def test_fsdp_sharded_two_ranks_to_one_equals_whole_state_and_async_equals_sync(
 
     # FSDP 2 -> 1: the sharded checkpoint loads into the very state the whole-state one does
     # (tests/test_pretrain/test_elastic.py proves the whole-state one's load and resume) ...
-    whole_1 = _cut_back(whole, tmp_path / "whole-then-1", HALF)
-    sharded_1 = _cut_back(sharded, tmp_path / "sharded-then-1", HALF)
+    whole_1 = cut_back(whole, tmp_path / "whole-then-1", HALF)
+    sharded_1 = cut_back(sharded, tmp_path / "sharded-then-1", HALF)
     expected = load_checkpoint(whole_1 / "checkpoints" / f"step-{HALF}.pt")
     loaded = _loaded_on_one_process(demo, sharded_1, 16, *fsdp, *SHARDED)
     _assert_same(loaded["model"], expected["model"], "model")
