@@ -26,8 +26,9 @@ loaded into the same evaluation.
   subsets, which open_clip_train has no equivalent of).
 
 What is held equal is the machine: device, fp32, one data worker, the threads. Two settings:
-``time``, equal wall-clock (each tool's step count is sized from a short timing run so that its
-run, set-up and checkpoint included, takes ``--seconds``; the schedule then ends at the last step,
+``time``, equal wall-clock (each tool's step count is sized from two timing runs of its own, a
+line through their steps and seconds, so that its run, set-up and checkpoint included, takes
+``--seconds``; the schedule then ends at the last step,
 and the run's real seconds are reported), and ``steps``, equal optimizer steps (``--steps``).
 The twemoji images are CC-BY-4.0: they are fetched into ``--cache`` (git-ignored ``runs/``),
 never shipped, and the test shards built from them carry the licence NOTICE.
@@ -81,7 +82,9 @@ DEFAULT_WORK = "runs/generalisation"
 DEFAULT_CACHE = "runs/generalisation/npm"
 KS = (1, 5, 10)
 TIMING_STEPS = 30
-"""Steps of the short run that times each tool before an equal-wall-clock run."""
+"""Steps of the shorter of the two runs that time each tool before an equal-wall-clock run."""
+TIMING_LONG_FACTOR = 5
+"""The longer timing run has this many times TIMING_STEPS' steps."""
 TIMING_EXCLUDED = 5
 """First steps of the timing run left out of its median step time."""
 
@@ -485,11 +488,24 @@ def train_peer(
     )
 
 
-def steps_for_seconds(timing: Trained, timing_steps: int, seconds: float) -> int:
-    """Steps whose run takes ``seconds``: the timing run's fixed cost (set-up, save) plus
-    each step at its median rate."""
-    step_s = timing.batch_size / timing.samples_per_s
-    fixed = max(0.0, timing.train_seconds - timing_steps * step_s)
+def steps_for_seconds(short: Trained, long: Trained, seconds: float) -> int:
+    """Steps whose run takes ``seconds``, from two timing runs of one tool: a line through
+    (steps, wall-clock) of both. Its slope is the real cost of a step, data-loader stalls and
+    logging included (a median step rate leaves those out and under-predicts a long run);
+    its intercept the fixed cost (start-up, the first slow steps, the final save)."""
+    if long.steps <= short.steps:
+        raise BenchmarkError(
+            f"the timing runs need different lengths (got {short.steps} and {long.steps} steps)"
+        )
+    step_s = (long.train_seconds - short.train_seconds) / (long.steps - short.steps)
+    if step_s <= 0:
+        # the longer run was not slower: timing noise beyond the steps' cost (a loaded machine)
+        raise BenchmarkError(
+            f"timing runs of {short.steps} and {long.steps} steps took {short.train_seconds:.1f} "
+            f"and {long.train_seconds:.1f} s: no cost per step to size --seconds from; run on an "
+            "idle machine or raise --timing-steps"
+        )
+    fixed = max(0.0, short.train_seconds - short.steps * step_s)
     return max(1, int((seconds - fixed) / step_s))
 
 
@@ -697,17 +713,21 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     timing: dict[str, dict[str, Any]] = {}
     if "time" in cfg.settings:
         for name, tool in tools:
-            t = train_one(tool, runs_dir / "timing" / name, cfg.timing_steps, cfg.seeds[0])
-            time_steps[name] = steps_for_seconds(t, cfg.timing_steps, cfg.seconds)
+            short, long = (
+                train_one(tool, runs_dir / "timing" / f"{name}-{n}", n, cfg.seeds[0])
+                for n in (cfg.timing_steps, cfg.timing_steps * TIMING_LONG_FACTOR)
+            )
+            time_steps[name] = steps_for_seconds(short, long, cfg.seconds)
             timing[name] = {
-                "train_seconds": t.train_seconds,
-                "samples_per_s": t.samples_per_s,
-                "steps": cfg.timing_steps,
+                "steps": [short.steps, long.steps],
+                "train_seconds": [short.train_seconds, long.train_seconds],
+                "samples_per_s": [short.samples_per_s, long.samples_per_s],
                 "steps_for_budget": time_steps[name],
             }
             log(
-                f"timing {name}: {cfg.timing_steps} steps in {t.train_seconds:.1f} s, "
-                f"{t.samples_per_s:.0f} samples/s -> {time_steps[name]} steps for {cfg.seconds:g} s"
+                f"timing {name}: {short.steps} steps in {short.train_seconds:.1f} s, "
+                f"{long.steps} in {long.train_seconds:.1f} s -> {time_steps[name]} steps "
+                f"for {cfg.seconds:g} s"
             )
     runs: list[dict[str, Any]] = []
     info = setup("cpu")
@@ -1039,7 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-steps",
         type=int,
         default=TIMING_STEPS,
-        help="steps of the run that times each tool for --seconds (default %(default)s)",
+        help="steps of the shorter of the two runs that time each tool for --seconds (the "
+        f"longer has {TIMING_LONG_FACTOR}x as many; default %(default)s)",
     )
     r.add_argument(
         "--json", type=Path, help="where the figures go (default WORK/generalisation.json)"

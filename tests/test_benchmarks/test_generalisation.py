@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -241,10 +242,15 @@ def test_ablate_stage2_continues_the_baseline_with_mined_negatives(
 
 
 def test_steps_for_seconds_and_the_table() -> None:
-    # 10 steps of 8 at 80 samples/s = 1 s of steps in a 3 s run: 2 s fixed cost
-    timing = Trained(Path("x"), 10, 8, 3.0, 80.0, 1.0, {})
-    assert steps_for_seconds(timing, 10, 12.0) == 100
-    assert steps_for_seconds(timing, 10, 1.0) == 1  # never zero steps
+    # 10 steps in 3 s, 50 in 7 s: 0.1 s a step (not the 1/80 s the median rate says), 2 s fixed
+    short = Trained(Path("x"), 10, 8, 3.0, 640.0, 1.0, {})
+    long = Trained(Path("y"), 50, 8, 7.0, 640.0, 1.0, {})
+    assert steps_for_seconds(short, long, 12.0) == 100
+    assert steps_for_seconds(short, long, 1.0) == 1  # never zero steps
+    with pytest.raises(generalisation.BenchmarkError, match="no cost per step"):
+        steps_for_seconds(short, replace(long, train_seconds=2.9), 12.0)
+    with pytest.raises(generalisation.BenchmarkError, match="different lengths"):
+        steps_for_seconds(short, short, 12.0)
     runs = [
         {"setting": "time", "tool": "clipforge", "seed": s, "steps": 10, "train_seconds": 5.0}
         | {k: v for k, _ in generalisation.HEADLINE for v in [0.25 * (s + 1)]}
