@@ -62,12 +62,17 @@ def test_candidate_sweep_sizes_tunes_and_scores_each(tmp_path: Path) -> None:
     cfg = bench.IndexBenchConfig(n=3000, n_queries=50, n_tune_queries=50, work_dir=str(tmp_path))
     paths = bench.prepare_data(cfg, log=lambda _: None)
     swept = index_candidates.run_candidates(
-        paths, 1 << 20, tmp_path / "c", ["IVF64,SQ4", "IVF64,PQ16x4fs,Refine(SQ4)"],
+        paths, 1 << 20, tmp_path / "c",
+        ["IVF64,SQ4", "IVF64,PQ16x4fs,Refine(SQ4)", "IVF64,RaBitQ4"],
         target_recall=0.5, log=lambda _: None,
     )  # fmt: skip
     rows = swept["rows"]
-    assert [r["factory"] for r in rows] == ["IVF64,SQ4", *["IVF64,PQ16x4fs,Refine(SQ4)"] * 2]
-    assert [r["search_params"].get("k_factor_rf") for r in rows] == [None, 4, 16]
+    assert [r["factory"] for r in rows] == [
+        "IVF64,SQ4",
+        *["IVF64,PQ16x4fs,Refine(SQ4)"] * 2,
+        "IVF64,RaBitQ4",
+    ]
+    assert [r["search_params"].get("k_factor_rf") for r in rows] == [None, 4, 16, None]
     for r in rows:
         assert r["size_bytes"] > 0 and r["fits_budget"] == (r["size_bytes"] <= 1 << 20)
         assert 0.3 < r["recall_at_10"] <= 1.0 and r["single_qps"] > 0
