@@ -44,7 +44,8 @@ def default_candidates(count: int, dim: int) -> list[str]:
         f"IVF{nl},SQ4",  # 4-bit scalar codes
         # RaBitQ (Gao & Long 2024) with 4 bits a dimension: a random rotation, then each
         # residual's codes with per-vector correction factors that make the inner-product
-        # estimate unbiased: the same bytes as SQ4, a far smaller error
+        # estimate unbiased: SQ4's 4 bits a dimension plus a few bytes of factors per vector
+        # (160 against 140 MB at 1M x 256), a far smaller error
         f"IVF{nl},RaBitQ4",
         f"IVF{nl},RaBitQfs4",  # the same codes laid out for the SIMD fast-scan kernels
     ]
