@@ -669,7 +669,7 @@ class ShardStream(IterableDataset):
             skips.add("bad_caption", where, "caption is empty")
             return None
         try:
-            img = to_rgb(decode_image(sample.members[ext]))
+            img = to_rgb(decode_image(sample.members[ext], extension=ext))
         except ImageDecodeError as e:
             skips.add("corrupt_image", where, str(e))
             return None
@@ -822,6 +822,9 @@ class ShardLoader:
         loader = DataLoader(
             self.stream,
             batch_size=None,
+            # the stream yields finished batches: torch's default here (default_convert) would
+            # only walk every sample's metadata dict looking for numpy arrays
+            collate_fn=_batch_as_is,  # type: ignore[arg-type]  # batch_size=None: one item
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
@@ -852,6 +855,11 @@ class ShardLoader:
     def planned(self, epoch: int) -> bool:
         """``epoch`` is read by a re-split plan (in which a rank may have nothing to read)."""
         return any(e == epoch for e, _ in self._plans)
+
+
+def _batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate step for a stream of finished batches: none."""
+    return batch
 
 
 def make_loader(

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -168,32 +168,113 @@ def iter_tar_entries(url: str) -> Iterator[tuple[str, bytes, int]]:
     local uncompressed tars -- a file that ends without the end-of-archive blocks, so a shard
     truncated exactly at a member boundary is caught too (stream-mode ``tarfile`` would silently
     stop there). gzip/bz2/xz-compressed tars are read transparently.
+
+    Local uncompressed tars are parsed here (:func:`_plain_tar_entries`): plain ustar/GNU file
+    headers take a few slices, where ``tarfile`` spends ~40 us of Python per member -- a fifth
+    of the reader's work per sample on small images. Members it does not parse (pax and GNU
+    long-name headers, links, base-256 sizes) hand the rest of the file to ``tarfile``.
     """
-    headers = 0  # member headers read: any at all means this is a tar that broke off
-    reading = ""  # the member whose data is being read
-    last = ""  # the last member read completely
+    headers = [0]  # member headers read: any at all means this is a tar that broke off
+    reading = [""]  # the member whose data is being read
+    last = [""]  # the last member read completely
     try:
-        seekable = not is_remote(url) and _is_plain_tar(url)
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                headers += 1
-                if not info.isfile():
-                    continue
-                reading = info.name
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                if len(data) != info.size:
-                    raise EOFError(f"member {info.name} cut short at {len(data)} of {info.size} B")
-                reading, last = "", info.name
-                yield info.name, data, info.offset_data if seekable else -1
-            end_offset = tar.offset  # where the end-of-archive blocks should start
-            if seekable and os.path.getsize(url) < end_offset + 512:
-                raise EOFError(f"data ends at byte {end_offset} without the end-of-archive blocks")
+        if not is_remote(url) and _is_plain_tar(url):
+            with open(url, "rb", buffering=1 << 20) as f:
+                end_offset = yield from _plain_tar_entries(f, headers, reading, last)
+                if os.path.getsize(url) < end_offset + 512:
+                    raise EOFError(
+                        f"data ends at byte {end_offset} without the end-of-archive blocks"
+                    )
+            return
+        with open_shard(url) as stream:
+            yield from _tarfile_entries(stream, 0, False, headers, reading, last)
     except (tarfile.ReadError, EOFError, OSError) as e:
         if isinstance(e, ShardReadError):
             raise
-        kind = "truncated_shard" if headers else "unreadable_shard"
-        member = reading or (f"after {last}" if last else "")
+        kind = "truncated_shard" if headers[0] else "unreadable_shard"
+        member = reading[0] or (f"after {last[0]}" if last[0] else "")
         raise ShardReadError(kind, url, f"{type(e).__name__}: {e}", member) from None
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (7: contiguous, read as regular)
+_POSIX_MAGIC = b"ustar\x0000"  # ustar with the name prefix field (GNU's magic has none)
+
+
+def _plain_tar_entries(
+    f: IO[bytes], headers: list[int], reading: list[str], last: list[str]
+) -> Generator[tuple[str, bytes, int], None, int]:
+    """The members of a local uncompressed tar opened as ``f``; returns the offset of the
+    end-of-archive block. ``headers``/``reading``/``last`` are updated for error messages as in
+    :func:`iter_tar_entries`. At the first header this does not parse, the rest of the file goes
+    to ``tarfile`` (from that header on, so offsets stay the file's)."""
+    offset = 0
+    while True:
+        block = f.read(_BLOCK)
+        if len(block) < _BLOCK:
+            if block or not headers[0]:
+                raise tarfile.ReadError("truncated header" if block else "empty file")
+            return offset  # ends at a member boundary: the caller's size check reports it
+        if block == _ZERO_BLOCK:
+            return offset
+        typeflag = block[156:157]
+        size_field = block[124:136]
+        if typeflag not in (*_FILE_TYPES, b"5") or size_field[:1] in (b"\x80", b"\xff"):
+            f.seek(offset)  # pax/GNU long names, links, base-256 sizes: tarfile's job
+            return (yield from _tarfile_entries(f, offset, True, headers, reading, last))
+        try:
+            checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise tarfile.ReadError("invalid header") from None
+        # the checksum field counts as 8 spaces; tarfile also accepts a signed-byte sum
+        unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+        if checksum != unsigned and checksum != unsigned - 256 * sum(1 for b in block if b > 127):
+            raise tarfile.ReadError("bad checksum")
+        headers[0] += 1
+        name = block[0:100].split(b"\0", 1)[0]
+        if block[257:265] == _POSIX_MAGIC and block[345] != 0:
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        data_offset = offset + _BLOCK
+        padded = -(-size // _BLOCK) * _BLOCK
+        if typeflag == b"5":  # a directory: nothing to read
+            f.seek(padded, os.SEEK_CUR)
+        else:
+            member = name.decode("utf-8", "surrogateescape")
+            reading[0] = member
+            data = f.read(size)
+            if len(data) != size:
+                raise EOFError(f"member {member} cut short at {len(data)} of {size} B")
+            if padded > size and len(f.read(padded - size)) != padded - size:
+                raise EOFError(f"member {member} cut short in its padding")
+            reading[0], last[0] = "", member
+            yield member, data, data_offset
+        offset = data_offset + padded
+
+
+def _tarfile_entries(
+    stream: IO[bytes],
+    base: int,
+    seekable: bool,
+    headers: list[int],
+    reading: list[str],
+    last: list[str],
+) -> Generator[tuple[str, bytes, int], None, int]:
+    """The members of ``stream`` read by stream-mode ``tarfile`` (any format and compression),
+    ``stream`` positioned ``base`` bytes into the file; returns the end-of-archive offset."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            headers[0] += 1
+            if not info.isfile():
+                continue
+            reading[0] = info.name
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if len(data) != info.size:
+                raise EOFError(f"member {info.name} cut short at {len(data)} of {info.size} B")
+            reading[0], last[0] = "", info.name
+            yield info.name, data, base + info.offset_data if seekable else -1
+        return base + tar.offset  # where the end-of-archive blocks should start
 
 
 def _is_plain_tar(path: str) -> bool:

@@ -136,7 +136,9 @@ class ClipSampleTransform:
             top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale)
             img = F.resized_crop(img, top, left, h, w, [self.size, self.size], bicubic)
         else:
-            img = F.center_crop(F.resize(img, self.size, bicubic), [self.size, self.size])
+            img = F.resize(img, self.size, bicubic)
+            if img.size != (self.size, self.size):  # a square image needs no crop (and copy)
+                img = F.center_crop(img, [self.size, self.size])
         if self.style.active:
             # Its own stream (a string seed), so turning it on leaves every crop unchanged.
             img = self.style(img, random.Random(f"style:{torch.initial_seed()}"))

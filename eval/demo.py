@@ -63,9 +63,9 @@ class DemoConfig:
     """Run directory holding every stage's output: data/, run/, embeddings/, index/,
     retrieval.json."""
     steps: int = 1200
-    """Training steps. 1,200 steps of 128 (153,600 samples: 114 s of training on 2 idle CPU
-    cores) reach, querying by each emoji's name alone, R@1 0.908 and R@10 0.998; 1,000 steps
-    gave 0.870 / 0.996 in 97 s (the README's demo section has the table of the recipes tried)."""
+    """Training steps. 1,200 steps of 128 (153,600 samples: 82 s of training on 2 idle CPU
+    cores) reach, querying by each emoji's name alone, R@1 0.914 and R@10 0.998; 1,000 steps
+    gave 0.870 / 0.996 (the README's demo section has the table of the recipes tried)."""
     batch_size: int = 128
     """Training batch size (contrastive: every other sample in the batch is a negative). 256
     with half the steps did worse (name R@1 0.70 against 0.77): steps count more than negatives

@@ -269,6 +269,11 @@ class TrainConfig:
     """Seed of model init, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when available (one GPU per rank), else CPU."""
+    cpu_threads: int = 0
+    """Intra-op threads of each rank training on CPU. 0: ``OMP_NUM_THREADS`` when set, else the
+    cores the rank may run on, divided among the node's ranks, less ``data.workers`` (at least
+    1): loader workers and compute threads on the same cores slow each other down (see
+    ``clipforge.pretrain.cpu_threads``)."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
     checkpoint_every: int = 500
@@ -335,6 +340,7 @@ class TrainConfig:
         _check(self.steps > 0, "train.steps", "> 0", self.steps)
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0: off)", self.ema_decay)
         _check(self.accum_steps > 0, "train.accum_steps", "> 0", self.accum_steps)
+        _check(self.cpu_threads >= 0, "train.cpu_threads", ">= 0", self.cpu_threads)
         _check(self.log_every > 0, "train.log_every", "> 0", self.log_every)
         _check(self.checkpoint_every > 0, "train.checkpoint_every", "> 0", self.checkpoint_every)
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "> 0", self.keep_checkpoints)
@@ -422,6 +428,7 @@ RESUME_MUTABLE = frozenset(
         "train.tensorboard",
         "train.progress",
         "train.device",
+        "train.cpu_threads",
         "train.precision",
         "train.accum_steps",
         "data.allow_global_batch_change",  # (data.batch_size itself only with it set)

@@ -64,6 +64,7 @@ from clipforge.pretrain.config import (
     save_config,
 )
 from clipforge.pretrain.cpu_memory import keep_freed_memory
+from clipforge.pretrain.cpu_threads import set_compute_threads
 from clipforge.pretrain.distributed import (
     DistInfo,
     all_gather_objects,
@@ -252,6 +253,7 @@ class Trainer:
 
         if info.device.type == "cpu":
             keep_freed_memory()  # activations reused, not page-faulted in every step
+            set_compute_threads(tc.cpu_threads, config.data.workers)
         torch.manual_seed(tc.seed)  # before the model: its initial weights come from this seed
         self._build_model()
         # sharded saves synchronise over a gloo group of their own: an asynchronous one's

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipforge.data_tools.images import resize_image
+from clipforge.data_tools.images import ImageDecodeError, resize_image
 from clipforge.data_tools.writer import WriteConfig, write_shards
 
 from .shard_helpers import all_samples, image_bytes, pattern_image
@@ -243,3 +243,16 @@ def test_quality_setting_changes_the_stored_jpeg(tmp_path: Path) -> None:
         sizes[quality] = len(members["jpg"])
     # a noisy pattern compresses much better at low quality
     assert sizes[30] < 0.7 * sizes[95]
+
+
+def test_the_member_extension_is_a_hint_that_mislabelled_bytes_survive() -> None:
+    from clipforge.data_tools.images import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 3), (200, 10, 10)).save(buf, format="PNG")
+    png = buf.getvalue()
+    for extension in ("png", "jpg", "webp", "JPEG", None):  # a .jpg member holding a PNG
+        img = decode_image(png, extension=extension)
+        assert (img.format, img.size, img.getpixel((0, 0))) == ("PNG", (5, 3), (200, 10, 10))
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"not an image", extension="jpg")
