@@ -9,12 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 
 class SearchRequest(BaseModel):
-    """A JSON search: exactly one of ``text`` and ``item``."""
+    """A JSON search: exactly one of ``text``, ``item`` and ``vector``."""
 
     # Unknown fields are refused: a misspelt "txt" or "top_k" must not silently search defaults.
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = Field(None, description="Text query (text -> image / text -> caption).")
+    vector: list[float] | None = Field(
+        None,
+        description="A query embedding computed elsewhere (the index's dimension; the service "
+        "L2-normalises it): search by vector, as clip-retrieval's embedding_input.",
+    )
     # strict: JSON true or 1.0 is not item 1
     item: StrictInt | StrictStr | None = Field(
         None,
@@ -44,7 +49,7 @@ class HitOut(BaseModel):
 class QueryOut(BaseModel):
     """What was searched for."""
 
-    type: Literal["text", "image", "item"]
+    type: Literal["text", "image", "item", "vector"]
     text: str | None = None
     item: int | None = Field(None, description="Row id of the query item (type 'item').")
     filename: str | None = Field(None, description="Uploaded file name (type 'image').")

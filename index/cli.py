@@ -268,6 +268,9 @@ def _add_serve(sub: Any) -> None:
                    help="seconds a search may take to send its body (408)")  # fmt: skip
     p.add_argument("--keep-alive", type=float, default=15.0, metavar="S",
                    help="seconds an idle kept-alive connection stays open")  # fmt: skip
+    p.add_argument("--mmap", action="store_true",
+                   help="memory-map the index instead of reading it into RAM (indexes larger "
+                   "than RAM; resident memory is what searches touch)")  # fmt: skip
 
 
 def _add_loadtest(sub: Any) -> None:
@@ -287,6 +290,11 @@ def _add_loadtest(sub: Any) -> None:
     p.add_argument("--target", choices=("image", "text"), default="image",
                    help="search the image index or the caption index")  # fmt: skip
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the run, seconds")
+    p.add_argument("--vectors", metavar="NPY",
+                   help="a (Q, D) .npy of query embeddings sent in turn as vector queries "
+                   "instead of texts (None: the built-in texts)")  # fmt: skip
+    p.add_argument("--mmap", action="store_true",
+                   help="with --index: the started service memory-maps the index")  # fmt: skip
     p.add_argument("--api-key-file", help="file holding the service's API key, sent as "
                    "Authorization: Bearer KEY (and given to a service the load test starts); "
                    "None: $CLIPFORGE_API_KEY if set, else no key")  # fmt: skip
@@ -440,6 +448,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         keep_alive_s=args.keep_alive,
+        mmap=args.mmap,
         query_encoder=args.query_encoder,
         onnx_export=args.onnx_export,
     )
@@ -463,6 +472,8 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         k=args.k,
         target=args.target,
+        vectors=args.vectors,
+        mmap=args.mmap,
         deadline_s=args.deadline,
     )
     result = run_loadtest(config, log=lambda line: print(line, flush=True))

@@ -5,7 +5,8 @@
     clipforge-index loadtest --url http://127.0.0.1:8000        # a running service
     clipforge-index loadtest --index demo-index                  # starts its own on loopback
 
-Every request is a ``POST /search`` with a text query drawn in turn from a fixed list; a request
+Every request is a ``POST /search`` with a text query drawn in turn from a fixed list (or, with
+``--vectors``, a query embedding from a ``.npy``, in turn); a request
 counts as an error unless it answers 200 with ``k`` hits. The run is bounded: a per-request timeout
 and an overall deadline, after which the requests not yet sent are counted as not run.
 """
@@ -70,6 +71,12 @@ class LoadTestConfig:
     """``image`` (text -> image) or ``text`` (text -> caption)."""
     queries: tuple[str, ...] = DEFAULT_QUERIES
     """Texts sent in turn."""
+    vectors: str | None = None
+    """A ``.npy`` of query embeddings ``(Q, D)``: sent in turn as ``vector`` queries instead of
+    the texts (no model pass: the search alone, e.g. of an index built from embeddings that has
+    no model)."""
+    mmap: bool = False
+    """A service this load test starts memory-maps the index (``serve --mmap``)."""
     timeout_s: float = 60.0
     """Per-request timeout: a request slower than this is an error."""
     deadline_s: float = 600.0
@@ -175,6 +182,7 @@ async def _run(config: LoadTestConfig, url: str) -> LoadTestResult:
                 "$CLIPFORGE_API_KEY"
             )
         before = await _batching(client)
+        vectors = _load_vectors(config.vectors) if config.vectors else None
         next_i = 0
         latencies: list[float] = []
         kinds: Counter[str] = Counter()
@@ -192,11 +200,11 @@ async def _run(config: LoadTestConfig, url: str) -> LoadTestResult:
             while next_i < config.requests and time.perf_counter() < deadline:
                 i = next_i
                 next_i += 1  # no await between the check and here: one coroutine per request id
-                body = {
-                    "text": config.queries[i % len(config.queries)],
-                    "k": config.k,
-                    "target": config.target,
-                }
+                body: dict[str, Any] = {"k": config.k, "target": config.target}
+                if vectors is not None:
+                    body["vector"] = vectors[i % len(vectors)]
+                else:
+                    body["text"] = config.queries[i % len(config.queries)]
                 start = time.perf_counter()
                 try:
                     r = await client.post("/search", json=body)
@@ -243,6 +251,19 @@ async def _run(config: LoadTestConfig, url: str) -> LoadTestResult:
         first_errors=first,
         batching=batching,
     )
+
+
+def _load_vectors(path: str) -> list[list[float]]:
+    """The rows of a ``(Q, D)`` float ``.npy`` as JSON-ready lists."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise LoadTestError(f"--vectors {path}: not a readable .npy file ({e})") from None
+    if array.ndim != 2 or len(array) == 0 or not np.issubdtype(array.dtype, np.floating):
+        raise LoadTestError(
+            f"--vectors {path}: need a (Q, D) float array, got {array.dtype} {array.shape}"
+        )
+    return [[float(x) for x in row] for row in array]
 
 
 def _free_port() -> int:
@@ -304,6 +325,10 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
         return asyncio.run(_run(config, config.url.rstrip("/")))
     assert config.index_dir is not None
     with started_service(
-        config.index_dir, config.startup_timeout_s, log, config.api_key_file
+        config.index_dir,
+        config.startup_timeout_s,
+        log,
+        config.api_key_file,
+        extra_args=["--mmap"] if config.mmap else [],
     ) as url:
         return asyncio.run(_run(config, url))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
@@ -224,15 +226,24 @@ async def parse_search(state: ServiceState, request: Request) -> ParsedSearch:
             f"k: must be between 1 and {state.max_k} (the index holds {searcher.count} items, "
             f"the service returns at most {config.max_k})",
         )
-    given = [
-        n for n, v in (("text", req.text), ("item", req.item), ("image", upload)) if v is not None
-    ]
+    queries = (("text", req.text), ("item", req.item), ("vector", req.vector), ("image", upload))
+    given = [n for n, v in queries if v is not None]
     if len(given) != 1:
         raise ApiError(
             422,
-            "give exactly one query: text, item, or an image upload"
+            "give exactly one query: text, item, vector, or an image upload"
             + (f" (got {', '.join(given)})" if given else ""),
         )
+    if req.vector is not None:
+        if len(req.vector) != searcher.dim:
+            raise ApiError(
+                422,
+                f"vector: {len(req.vector)} values; this index's embeddings have {searcher.dim}",
+            )
+        if not all(math.isfinite(x) for x in req.vector):
+            raise ApiError(422, "vector: every value must be a finite number")
+        if not any(req.vector):
+            raise ApiError(422, "vector: all zeros has no direction to search")
     if req.target not in searcher.targets:
         raise ApiError(422, f"target: this index has no {req.target} index ({searcher.targets})")
     return ParsedSearch(req, upload, filename)
@@ -253,6 +264,16 @@ async def answer_search(state: ServiceState, parsed: ParsedSearch) -> tuple[Quer
         return QueryOut(type="text", text=text, item=None, filename=None), await _search(
             state, "text", text, req
         )
+    if req.vector is not None:
+        # no model pass: searched on a worker thread, beside the model thread's queue
+        vector = np.asarray(req.vector, dtype=np.float32)  # (D,)
+        try:
+            found = await asyncio.to_thread(
+                state.searcher.search_embeddings, vector, req.k, req.target
+            )
+        except SearchError as e:
+            raise ApiError(422, str(e)) from None
+        return QueryOut(type="vector", text=None, item=None, filename=None), found[0]
     if req.item is not None:
         i = await asyncio.to_thread(items.resolve, req.item)  # 1st key lookup builds a map
         data, _ = await asyncio.to_thread(items.image, i)

@@ -91,7 +91,9 @@ def open_service(config: ServerConfig, searcher: Searcher | None = None) -> Serv
     """Open the index and load the model (a bad index or model fails here, before any port is
     bound), then run each tower once, so that the first request is not the one that pays."""
     if searcher is None:
-        searcher = Searcher.open(config.index_dir, model=config.model, device=config.device)
+        searcher = Searcher.open(
+            config.index_dir, model=config.model, device=config.device, mmap=config.mmap
+        )
     if config.query_encoder != "torch":
         assert config.onnx_export is not None  # checked by ServerConfig
         searcher.use_onnx_text_encoder(config.onnx_export, int8=config.query_encoder == "onnx-int8")

@@ -20,6 +20,10 @@ class ServerConfig:
     (``INDEX_DIR/model/``), or ``model_source`` for indexes built before it was kept."""
     device: str = "cpu"
     """Device of the query model."""
+    mmap: bool = False
+    """Memory-map the index files instead of reading them into RAM: the service's resident
+    memory is then what searches touch (the kernel pages the rest in and out), so an index
+    larger than RAM can be served (``Searcher.open(..., mmap=True)``)."""
     max_k: int = 1000
     """Largest ``k`` a request may ask for (also capped by the collection size)."""
     max_text_chars: int = 1000

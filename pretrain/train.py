@@ -222,6 +222,9 @@ class Trainer:
         self.run_dir = Path(config.train.run_dir)
         self.metrics_file = self.run_dir / METRICS_NAME
         self._lock: RunLock | None = None
+        # put back by close(): training's thread count must not outlive it in the caller's
+        # process (the demo embeds and evaluates after training, in the same process)
+        self._threads_before = torch.get_num_threads()
         self._state: dict[str, Any] | None = None  # rank 0: the checkpoint read while planning
         # built last in setup: absent when setup stopped early or the run was already complete
         self.metrics: MetricsLog | None = None
@@ -238,6 +241,8 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if torch.get_num_threads() != self._threads_before:
+            torch.set_num_threads(self._threads_before)
 
     def _setup(self, eval_callback: EvalCallback | None) -> None:
         config, info, tc = self.config, self.info, self.config.train

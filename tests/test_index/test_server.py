@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipforge.index.cli import main as index_main
-from clipforge.index.loadtest import LoadTestConfig, run_loadtest
+from clipforge.index.loadtest import LoadTestConfig, LoadTestError, run_loadtest
 from clipforge.index.searcher import Searcher
 from clipforge.index.server import (
     IMAGE_MEDIA_TYPES,
@@ -300,3 +300,70 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert index_main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("clipforge-index: error: ") and "no search service" in err
+
+
+def test_vector_queries_match_the_library_and_bad_vectors_are_refused(
+    client: TestClient, searcher: Searcher
+) -> None:
+    query = searcher.embed_text(["pizza"])[0] * 3.0  # (D,) any length: the service normalises
+    r = client.post("/search", json={"vector": [float(x) for x in query], "k": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"]["type"] == "vector"
+    expected = searcher.search_embeddings(query, k=6)[0]
+    assert [h["id"] for h in body["hits"]] == [h.id for h in expected]
+    assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected])
+    assert [h["id"] for h in body["hits"]] == [h.id for h in searcher.search_text("pizza", k=6)]
+
+    d = searcher.dim
+    for vector, message in (
+        ([0.5] * (d - 1), f"{d - 1} values; this index's embeddings have {d}"),
+        ([0.0] * d, "all zeros"),
+    ):
+        r = client.post("/search", json={"vector": vector})
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+    r = client.post(
+        "/search",
+        content=('{"vector": [NaN' + ", 1.0" * (d - 1) + "]}").encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "finite" in r.json()["detail"], r.text
+    r = client.post("/search", json={"vector": [1.0] * d, "text": "pizza"})
+    assert r.status_code == 422 and "got text, vector" in r.json()["detail"], r.text
+
+
+def test_loadtest_with_query_vectors(app: Any, searcher: Searcher, tmp_path: Path) -> None:
+    vectors = tmp_path / "q.npy"
+    np.save(vectors, np.asarray(searcher.embed_text(["pizza", "rocket", "a dog"])))
+    with running_server(app) as url:
+        result = run_loadtest(
+            LoadTestConfig(url=url, requests=30, concurrency=4, k=5, vectors=str(vectors))
+        )
+    assert result.errors == 0 and result.requests == 30, result.first_errors
+    assert result.batching["queries"] == 0  # no model pass: vectors go straight to the index
+    np.save(vectors, np.zeros((2, 3, 4)))
+    with running_server(app) as url, pytest.raises(LoadTestError, match="a \\(Q, D\\) float"):
+        run_loadtest(LoadTestConfig(url=url, requests=3, vectors=str(vectors)))
+
+
+def test_serve_mmap_opens_the_searcher_memory_mapped(
+    demo_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipforge.index.server as server
+
+    opened: list[bool] = []
+    real_open = Searcher.open
+
+    def recording_open(*args: Any, **kwargs: Any) -> Searcher:
+        opened.append(kwargs.get("mmap", False))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(server.Searcher, "open", recording_open)
+    served: list[ServerConfig] = []
+    monkeypatch.setattr(server, "serve", lambda config, host, port: served.append(config))
+    assert index_main(["serve", "--index", str(demo_index), "--mmap"]) == 0
+    assert served[0].mmap is True
+    for mmap in (True, False):
+        state = server.open_service(ServerConfig(str(demo_index), mmap=mmap))
+        state.batcher.close()
+    assert opened == [True, False]

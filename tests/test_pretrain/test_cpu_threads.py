@@ -3,11 +3,16 @@ workers; OMP_NUM_THREADS or train.cpu_threads override."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
 from clipforge.pretrain.config import ConfigError, load_config
 from clipforge.pretrain.cpu_threads import compute_threads, local_world_size, set_compute_threads
+from clipforge.pretrain.train import train
 
 
 def test_the_share_of_cores_less_the_loader_workers() -> None:
@@ -51,3 +56,25 @@ def test_set_compute_threads_sets_torch(monkeypatch: pytest.MonkeyPatch) -> None
 def test_negative_cpu_threads_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"train\.cpu_threads"):
         load_config("tiny", ["train.cpu_threads=-1"])
+
+
+def test_training_computes_with_the_chosen_threads_and_puts_them_back(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    during: list[int] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        during.append(torch.get_num_threads())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    overrides = [f"data.train={demo}", f"train.run_dir={tmp_path / 'run'}", "train.steps=2",
+                 "train.device=cpu", "train.cpu_threads=3", "data.batch_size=8"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="clipforge.pretrain.cpu_threads"):
+        train(load_config("tiny", overrides))
+    assert during == [3, 3]
+    assert "computing with 3 CPU thread(s): train.cpu_threads=3" in caplog.text
+    assert torch.get_num_threads() == before
