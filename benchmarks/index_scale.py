@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -382,6 +383,45 @@ def growth_exponent(ns: list[int], values: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+PROJECTED_SIZES = (100_000_000, 1_000_000_000)
+"""Collection sizes :func:`projection` extrapolates to."""
+
+
+def projection(
+    results: dict[int, dict[str, Any]], sizes: tuple[int, ...] = PROJECTED_SIZES
+) -> list[str]:
+    """What larger indexes would need, extrapolated from the largest size measured: its bytes a
+    vector (same index kind), its build time grown as the measured build time grows (at least
+    linearly), and a split build (``build --part i/P``) into parts the size of the largest
+    build measured, each needing that build's peak RSS and at most its time (the quantizer is
+    trained once for all parts, not per part)."""
+    ns = sorted(results)
+    top = ns[-1]
+    r = results[top]
+    per_vector = r["size_bytes"] / top
+    growth = (
+        growth_exponent(ns, [float(results[n]["build_seconds"]) for n in ns])
+        if len(ns) > 1
+        else 1.0
+    )
+    growth = max(growth, 1.0)
+    lines = [
+        f"projection from {label(top)} ({r['factory']}, {per_vector:.0f} B a vector, build "
+        f"~N^{growth:.2f}):"
+    ]
+    for n in sizes:
+        scale = n / top
+        one_machine = r["build_seconds"] * scale**growth
+        parts = math.ceil(scale)
+        part_min = r["build_seconds"] / 60
+        lines.append(
+            f"  {label(n)}: index {_gb(per_vector * n)}; one machine ~{one_machine / 3600:.1f} h; "
+            f"or {parts} parts of {label(top)} on {parts} machines: <= {part_min:.0f} min and "
+            f"{_gb(r['build_peak_rss_bytes'])} RSS each, then the merge"
+        )
+    return lines
+
+
 def format_table(results: dict[int, dict[str, Any]], cfg: ScaleConfig) -> str:
     """The cost-growth table (one column per size), growth exponents and the machine."""
     ns = sorted(results)
@@ -401,6 +441,8 @@ def format_table(results: dict[int, dict[str, Any]], cfg: ScaleConfig) -> str:
             vals = [float(results[n][key]) for n in ns]
             parts.append(f"{name} ~N^{growth_exponent(ns, vals):.2f}")
         lines.append(f"growth {label(ns[0])}->{label(ns[-1])} (log-log fit): " + ", ".join(parts))
+    if ns:
+        lines.extend(projection(results))
     lines.append(
         f"machine: {os.cpu_count()} CPU cores on {platform.node()}, load average "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end (shared with other jobs)"

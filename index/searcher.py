@@ -179,6 +179,18 @@ class Searcher:
         return self.index_dir / str(rec.get("dir", MODEL_DIR)) if isinstance(rec, dict) else None
 
     @property
+    def has_query_model(self) -> bool:
+        """Whether text and image queries can be encoded: a model was given, or the index has
+        its own copy, or its ``model_source`` exists here. An index built from embeddings
+        computed elsewhere may have none: it answers embedding (vector) queries only."""
+        if self._model is not None or self._model_spec is not None:
+            return True
+        if self._own_model_dir() is not None:
+            return True
+        source = self.manifest.get("model_source")
+        return bool(source) and Path(str(source)).exists()
+
+    @property
     def model(self) -> LoadedModel:
         """The query model (the index's own copy, else ``model_source``; loaded on first use)."""
         if self._model is None:

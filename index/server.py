@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import re
 import socket
 import sys
@@ -49,6 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -81,6 +83,8 @@ from .search_request import ServiceState, handle_search, validation_message
 from .searcher import Searcher
 from .server_config import QUERY_ENCODERS, ServerConfig
 
+log = logging.getLogger(__name__)
+
 
 def web_dir() -> Path:
     """The web page's static files inside the installed package."""
@@ -98,9 +102,18 @@ def open_service(config: ServerConfig, searcher: Searcher | None = None) -> Serv
         assert config.onnx_export is not None  # checked by ServerConfig
         searcher.use_onnx_text_encoder(config.onnx_export, int8=config.query_encoder == "onnx-int8")
     items = ItemStore(Path(config.index_dir))
-    for target in searcher.targets:
-        searcher.search_text("warm up", k=1, target=target)
-    searcher.search_image(Image.new("RGB", (8, 8)), k=1, target=searcher.targets[0])
+    if searcher.has_query_model:
+        for target in searcher.targets:
+            searcher.search_text("warm up", k=1, target=target)
+        searcher.search_image(Image.new("RGB", (8, 8)), k=1, target=searcher.targets[0])
+    else:  # text and image queries answer 422 naming the missing model; vectors work
+        log.warning(
+            "%s has no query model (no model/ copy, model_source %r not here): serving vector "
+            "queries only (pass --model for text and image queries)",
+            config.index_dir,
+            searcher.manifest.get("model_source"),
+        )
+        searcher.search_embeddings(np.ones(searcher.dim, np.float32), k=1)
     max_k = min(config.max_k, searcher.count)
     batcher = QueryBatcher(searcher, config.max_batch)
     return ServiceState(config, searcher, items, batcher, time.time(), max_k)

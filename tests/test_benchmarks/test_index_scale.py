@@ -82,3 +82,24 @@ def test_candidate_sweep_sizes_tunes_and_scores_each(tmp_path: Path) -> None:
 
 def test_every_option_has_help_that_shows_its_default() -> None:
     check_every_option_has_help_with_its_default(index_scale.build_parser())
+
+
+def test_projection_extrapolates_from_the_largest_size() -> None:
+    # build time x10 for x10 vectors: linear; 100 B a vector at 10M
+    results = {
+        1_000_000: {"size_bytes": 1e8, "build_seconds": 60.0, "factory": "A",
+                    "build_peak_rss_bytes": 1e9},
+        10_000_000: {"size_bytes": 1e9, "build_seconds": 600.0, "factory": "IVF,PQ",
+                     "build_peak_rss_bytes": 4e9},
+    }  # fmt: skip
+    head, p100m, p1b = index_scale.projection(results)
+    assert head == "projection from 10M (IVF,PQ, 100 B a vector, build ~N^1.00):"
+    # 100M: 10 GB, 600 s x 10 = 1.7 h, or 10 parts of 10M each <= 10 min and 4 GB
+    assert p100m == (
+        "  100M: index 10.00 GB; one machine ~1.7 h; or 10 parts of 10M on 10 machines: "
+        "<= 10 min and 4.00 GB RSS each, then the merge"
+    )
+    assert p1b.startswith("  1B: index 100.00 GB; one machine ~16.7 h; or 100 parts of 10M")
+    # a build that grew slower than linearly is still projected as linear (adding is linear)
+    results[10_000_000]["build_seconds"] = 300.0
+    assert "build ~N^1.00" in index_scale.projection(results)[0]

@@ -367,3 +367,22 @@ def test_serve_mmap_opens_the_searcher_memory_mapped(
         state = server.open_service(ServerConfig(str(demo_index), mmap=mmap))
         state.batcher.close()
     assert opened == [True, False]
+
+
+def test_an_index_without_a_query_model_serves_vector_queries(tmp_path: Path) -> None:
+    from .synthetic import load_all, write_synthetic_embeddings
+
+    emb = write_synthetic_embeddings(tmp_path / "emb", part_counts=(300,))
+    out = tmp_path / "index"
+    assert index_main(["build", "--embeddings", str(emb), "--out", str(out), "--kind", "flat"]) == 0
+    searcher = Searcher.open(out)
+    assert not searcher.has_query_model
+    vectors = load_all(emb)  # (300, 32)
+    with TestClient(create_app(ServerConfig(str(out)))) as c:
+        r = c.post("/search", json={"vector": [float(x) for x in vectors[7]], "k": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["hits"][0]["id"] == 7  # its own vector comes back first
+        expected = searcher.search_embeddings(vectors[7], k=3)[0]
+        assert [h["id"] for h in r.json()["hits"]] == [h.id for h in expected]
+        r = c.post("/search", json={"text": "pizza"})
+        assert r.status_code == 422 and "model" in r.json()["detail"], r.text
