@@ -329,6 +329,51 @@ def search(cfg: ScaleConfig, n: int, paths: dict[str, Path], index_dir: str,
     return {"search_peak_rss_bytes": measured["peak_rss_bytes"], **figures}
 
 
+def _status_of(pid: int) -> dict[str, int]:
+    """VmHWM / VmRSS / RssAnon / RssFile of process ``pid``, bytes (Linux ``/proc``)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def serve_latency(cfg: ScaleConfig, n: int, paths: dict[str, Path], index_dir: str,
+                  log: Any = print) -> dict[str, Any]:  # fmt: skip
+    """The search service over ``index_dir`` memory-mapped (``clipforge-index serve --mmap``,
+    its own process) under ``clipforge-index loadtest --vectors`` (the evaluation queries as
+    vector queries: the index has no model) at each concurrency; its memory after opening and
+    at the end."""
+    from clipforge.index.loadtest import LoadTestConfig, run_loadtest, started_service
+
+    pids: list[int] = []
+    figures: dict[str, Any] = {}
+    with started_service(index_dir, log=log, extra_args=["--mmap"], on_start=pids.append) as url:
+        figures["service_rss_after_open"] = _status_of(pids[0])
+        for c in cfg.concurrency:
+            result = run_loadtest(
+                LoadTestConfig(
+                    url=url,
+                    requests=cfg.concurrent_queries,
+                    concurrency=c,
+                    k=10,
+                    vectors=str(paths["queries"]),
+                ),  # fmt: skip
+                log=log,
+            )
+            if result.errors or result.not_run:
+                raise RuntimeError(f"service load test at {label(n)}:\n{result.summary()}")
+            log("  | " + result.summary().replace("\n", "\n  | "))
+            figures[f"service_{c}"] = {
+                "p50_ms": result.percentile(50),
+                "p99_ms": result.percentile(99),
+                "requests_per_s": result.requests_per_s,
+            }
+        figures["service_rss_end"] = _status_of(pids[0])
+    return figures
+
+
 # --------------------------------------------------------------------------------------------
 # report
 
@@ -353,7 +398,23 @@ ROWS = [
     ("p50 / p99 single", lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms"),
     ("Searcher c=16 p50/p99", lambda r: _conc(r, 16)),
     ("Searcher c=32 p50/p99", lambda r: _conc(r, 32)),
+    ("service c=16 p50/p99", lambda r: _served(r, 16)),
+    ("service c=32 p50/p99", lambda r: _served(r, 32)),
+    ("service RSS open / end", lambda r: _served_rss(r)),
 ]
+
+
+def _served(r: dict[str, Any], c: int) -> str:
+    x = r.get(f"service_{c}")
+    if x is None:
+        return "-"
+    return f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f} ms, {x['requests_per_s']:.0f}/s"
+
+
+def _served_rss(r: dict[str, Any]) -> str:
+    if "service_rss_end" not in r:
+        return "-"
+    return f"{_gb(r['service_rss_after_open']['VmRSS'])} / {_gb(r['service_rss_end']['VmRSS'])}"
 
 
 def _added(r: dict[str, Any], key: str) -> str:
@@ -462,7 +523,8 @@ def run_scale(cfg: ScaleConfig, log: Any = print) -> dict[str, Any]:
             paths = generate(cfg, n, log)
             built = build(cfg, n, paths, log)
             searched = search(cfg, n, paths, built["index_dir"], log)
-            results[n] = {**built, **searched}
+            served = serve_latency(cfg, n, paths, built["index_dir"], log)
+            results[n] = {**built, **searched, **served}
             loads[n] = list(os.getloadavg())
             log(f"  load average after {label(n)}: {loads[n]}")
             partial = {str(k): v for k, v in results.items()}

@@ -279,11 +279,14 @@ def started_service(
     log: Callable[[str], None] = print,
     api_key_file: str | None = None,
     extra_args: Sequence[str] = (),
+    on_start: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """``clipforge-index serve`` for ``index_dir`` in a child process on a free loopback port
     (its own process, so the load generator does not share its interpreter); yields its URL.
     ``api_key_file``: the service requires that key (``$CLIPFORGE_API_KEY`` is inherited);
-    ``extra_args``: more ``serve`` flags (e.g. ``--query-encoder onnx --onnx-export DIR``)."""
+    ``extra_args``: more ``serve`` flags (e.g. ``--query-encoder onnx --onnx-export DIR``);
+    ``on_start`` is called with the service's process id once it answers (to watch its memory).
+    """
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "clipforge.index", "serve", "--index", os.fspath(index_dir),
@@ -307,6 +310,8 @@ def started_service(
             if time.monotonic() > deadline:
                 raise LoadTestError(f"the service did not answer {url}/health in {timeout_s} s")
             time.sleep(0.25)
+        if on_start is not None:
+            on_start(proc.pid)
         yield url
     finally:
         proc.terminate()

@@ -55,6 +55,9 @@ def test_one_size_end_to_end_builds_searches_and_reports(tmp_path: Path) -> None
     assert r["build_peak_rss_bytes"] > 0 and r["search_peak_rss_bytes"] > 0
     assert r["rss_end"]["RssAnon"] > 0 and r["concurrency_4"]["p99_ms"] > 0
     assert "search RSS + index, file" in report["table"]
+    # the service, memory-mapped, answered every vector query of its load test
+    assert r["service_4"]["p99_ms"] >= r["service_4"]["p50_ms"] > 0
+    assert r["service_rss_end"]["VmRSS"] > 0 and "service c=16" in report["table"]
     assert not list(tmp_path.glob("data_*"))  # the generated data is deleted without --keep-data
 
 
