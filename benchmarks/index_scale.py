@@ -359,7 +359,7 @@ def serve_latency(cfg: ScaleConfig, n: int, paths: dict[str, Path], index_dir: s
                     concurrency=c,
                     k=10,
                     vectors=str(paths["queries"]),
-                ),  # fmt: skip
+                ),
                 log=log,
             )
             if result.errors or result.not_run:
