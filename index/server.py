@@ -202,9 +202,9 @@ def item_out(items: ItemStore, ref: str) -> ItemOut:
     i = items.resolve(ref)
     return ItemOut(
         id=i,
-        key=items.keys[i],
-        caption=items.captions[i],
-        source=items.sources[i],
+        key=str(items.keys[i]),
+        caption=str(items.captions[i]),
+        source=str(items.sources[i]),
         image_url=f"/items/{i}/image",
         has_image=items.has_image(i),
     )

