@@ -8,6 +8,7 @@ the smaller id first).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -66,6 +67,8 @@ def recall_1_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 PLATEAU_GAIN = 0.002
 """Tuning stops doubling nprobe/efSearch when a doubling gains less recall@k than this."""
+PLATEAU_SLACK = 0.002
+"""On a plateau, the smallest setting within this much of the best recall@k seen is kept."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,9 @@ def tune_search_params(
     """Smallest nprobe/efSearch with recall@k >= target (doubling, then bisection).
 
     If the target is out of reach (lossy codes: a doubling gains < :data:`PLATEAU_GAIN`, or the
-    largest setting falls short), the smallest setting within 0.002 of the best recall seen is
-    kept, and ``reached`` is False.
+    largest setting falls short), the smallest setting within :data:`PLATEAU_SLACK` of the best
+    recall seen is kept (bisected between the doublings), and ``reached`` is False. Either way
+    the index is left set to the chosen value, so what is timed next is what was chosen.
     """
     name = plan.search_param
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -127,18 +131,30 @@ def tune_search_params(
         # query (hours at 10M) to learn nothing more.
         plateaued = prev is not None and cache[v] - cache[prev] < PLATEAU_GAIN
         if v >= hi_v or plateaued:
-            best = max(cache.values())
-            chosen = min(x for x, r in cache.items() if r >= best - 0.002)
+            # On a plateau the doubling overshoots: nprobe 8 may hold what 16 does and more
+            # than 4, and 6 may hold it too at a quarter less work a query.
+            enough = max(cache.values()) - PLATEAU_SLACK
+            chosen = min(x for x, r in cache.items() if r >= enough)
+            below = [x for x in cache if x < chosen]  # each recalls < enough
+            chosen = _bisect(measure, max(below, default=chosen), chosen, enough)
+            ps.set_index_parameter(index, name, float(chosen))
+            curve.sort(key=lambda c: c[name])
             return TuneResult({name: chosen}, cache[chosen], False, curve)
         prev, v = v, min(v * 2, hi_v)
     # bisect (prev fails, v passes) for the smallest passing value
-    lo, hi = (prev, v) if prev is not None else (v, v)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measure(mid) >= target_recall:
-            hi = mid
-        else:
-            lo = mid
+    hi = _bisect(measure, prev if prev is not None else v, v, target_recall)
     ps.set_index_parameter(index, name, float(hi))
     curve.sort(key=lambda c: c[name])
     return TuneResult({name: hi}, cache[hi], True, curve)
+
+
+def _bisect(measure: Callable[[int], float], lo: int, hi: int, enough: float) -> int:
+    """Smallest setting in (lo, hi] whose recall is >= ``enough``, given that ``hi``'s is
+    (recall grows with the setting)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(mid) >= enough:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -13,7 +13,14 @@ import pytest
 from clipforge.index import faiss_ops, store, tune
 from clipforge.index.build import run_build
 from clipforge.index.emb_dir import open_vectors, unit_rows
-from clipforge.index.plan import BuildConfig, parse_memory_size, plan_index
+from clipforge.index.plan import (
+    PQ_NBITS_AUTO,
+    BuildConfig,
+    default_nlist,
+    estimate_bytes,
+    parse_memory_size,
+    plan_index,
+)
 
 from .synthetic import load_all, normalize, write_synthetic_embeddings
 
@@ -181,6 +188,52 @@ def test_auto_choice_respects_memory_budget() -> None:
     assert plan_index(5000, d, BuildConfig()).kind == "flat"
     with pytest.raises(ValueError, match="over the memory budget"):
         plan_index(n, d, BuildConfig(kind="flat", memory_budget=1 << 30))
+
+
+def test_ivf_pq_spends_the_budget_on_more_bits_a_code() -> None:
+    # 1M x 256 under autofaiss's 170 MiB: 2 dims per sub-quantizer with 10-bit codes fit (11
+    # would not); 10M under 2 GiB: 12 bits; a fixed pq_nbits is honoured as asked
+    for n, budget, factory in (
+        (1_000_000, "170M", "OPQ128,IVF4096,PQ128x10"),
+        (10_000_000, "2GB", "OPQ128,IVF16384,PQ128x12"),
+    ):
+        cfg = BuildConfig(memory_budget=parse_memory_size(budget))
+        plan = plan_index(n, 256, cfg)
+        assert (plan.factory, plan.pq_nbits) == (factory, int(factory.rsplit("x", 1)[1]))
+        assert plan.estimated_bytes <= cfg.memory_budget
+        assert f"PQ128x{plan.pq_nbits}" in plan.reason
+        if plan.pq_nbits < max(PQ_NBITS_AUTO):
+            one_more = estimate_bytes("ivf_pq", n, 256, nlist=plan.nlist or 0, pq_m=128,
+                                      opq=True, pq_nbits=plan.pq_nbits + 1)  # fmt: skip
+            assert one_more > cfg.memory_budget
+    fixed = BuildConfig(memory_budget=parse_memory_size("170M"), pq_nbits=8)
+    assert plan_index(1_000_000, 256, fixed).factory == "OPQ128,IVF4096,PQ128"
+    # more bits only where the training sample gives each centroid 40 points: 15,000 vectors
+    # cannot train 512 centroids a sub-quantizer, so auto stays at 8 bits
+    small = plan_index(15_000, 32, BuildConfig(memory_budget=500_000))  # PQ16x9 would fit
+    assert small.pq_nbits == 8, small
+    with pytest.raises(ValueError, match="pq_nbits must be in 1..16"):
+        BuildConfig(pq_nbits=17)
+
+
+def test_more_bits_a_code_raise_the_recall_plateau(tmp_path: Path) -> None:
+    # 20,600 x 8 (enough to train 512 centroids a sub-quantizer): under a budget where 9-bit
+    # codes fit and 10-bit do not, auto builds PQ4x9 for real, within the budget, and its
+    # plateau is above the same build with 8-bit codes
+    n, dim = 20_600, 8
+    emb = write_synthetic_embeddings(tmp_path / "emb", part_counts=(n // 2, n // 2), dim=dim,
+                                     seed=5)  # fmt: skip
+    budget = estimate_bytes("ivf_pq", n, dim, nlist=default_nlist(n), pq_m=4, pq_nbits=9) + 1000
+    infos = {}
+    for nbits in (None, 8):
+        cfg = BuildConfig(memory_budget=budget, opq=False, target_recall=0.999, pq_nbits=nbits)
+        infos[nbits] = run_build(emb, tmp_path / f"idx{nbits}", modalities=["image"],
+                                 config=cfg, log=_silent)["modalities"]["image"]  # fmt: skip
+    auto, eight = infos[None], infos[8]
+    assert auto["factory"].endswith(",PQ4x9") and eight["factory"].endswith(",PQ4"), infos
+    assert auto["size_bytes"] <= budget
+    assert not auto["target_reached"] and not eight["target_reached"]  # both plateau
+    assert auto["measured_recall_at_10"] > eight["measured_recall_at_10"] + 0.02, infos
 
 
 def test_auto_build_under_budget_fits(emb_dir: Path, tmp_path: Path) -> None:
