@@ -212,7 +212,7 @@ def test_ivf_pq_spends_the_budget_on_more_bits_a_code() -> None:
     # cannot train 512 centroids a sub-quantizer, so auto stays at 8 bits
     small = plan_index(15_000, 32, BuildConfig(memory_budget=500_000))  # PQ16x9 would fit
     assert small.pq_nbits == 8, small
-    with pytest.raises(ValueError, match="pq_nbits must be in 1..16"):
+    with pytest.raises(ValueError, match=r"pq_nbits must be in 1\.\.16"):
         BuildConfig(pq_nbits=17)
 
 
