@@ -18,9 +18,9 @@ The rules of ``--kind auto`` (:func:`plan_index`), and why:
   any nprobe can reach: SQfp16 (2 bytes/dim, exact for float16 embeddings), then SQ8 (1
   byte/dim), then OPQ+PQ with the most bits per vector that fit (lossy: recall may plateau).
   PQ spends them on 2 dims per sub-quantizer with 8 to 12 bits a code: at 1M x 256 under
-  autofaiss's 170 MiB, PQ128x10 (5 bits a dim) plateaus at recall@10 0.90 where PQ128x8
-  stops at 0.84 — codes beyond 8 bits scan ~2x slower (no SIMD kernels), and precision is what
-  caps recall.
+  autofaiss's 170 MiB, PQ128x10 (5 bits a dim) plateaus at recall@10 0.91 where PQ128x8
+  stops at 0.84. Codes beyond 8 bits scan ~2.7x slower (FAISS's generic decoder, no SIMD
+  kernel), but precision is what caps recall.
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ class BuildConfig:
     """Training sample = this many points per IVF cell (FAISS warns below 39), capped below."""
     max_train_points: int = 200_000
     """Cap on the training sample (k-means cost is sample x nlist x dim x iterations)."""
+    pq_train_points_per_centroid: int = 480
+    """IVF-PQ trains on at least this many points per sub-quantizer centroid (2**nbits each);
+    fewer overfit the codebooks: at 1M x 256, PQ128x10 plateaus at recall@10 0.898 trained on
+    160 points a centroid, 0.911 on 480. Auto offers more than 8 bits only where they fit."""
+    max_pq_train_points: int = 500_000
+    """Cap on IVF-PQ's training sample (its coarse k-means and codebooks both train on it)."""
     kmeans_iterations: int = 10
     """k-means iterations for the IVF coarse quantizer."""
     opq_iterations: int = 25
@@ -192,13 +198,15 @@ training slow, for little more recall."""
 def _pq_choices(count: int, dim: int, config: BuildConfig) -> list[tuple[int, int]]:
     """``(sub-quantizers M, bits a code)`` to try, most bits per vector first (at equal bits,
     more sub-quantizers of fewer bits: the faster scan). Auto offers more than 8 bits only
-    when the training sample can give each of the 2**nbits centroids 40 points."""
+    when the training sample can give each of the 2**nbits centroids
+    ``pq_train_points_per_centroid`` points."""
     ms = [config.pq_m] if config.pq_m else _pq_m_choices(dim)
     if config.pq_nbits is not None:
         nbits: tuple[int, ...] = (config.pq_nbits,)
     else:
-        sample = min(count, config.max_train_points)
-        nbits = tuple(b for b in PQ_NBITS_AUTO if b == 8 or 40 << b <= sample)
+        sample = min(count, config.max_pq_train_points)
+        per = config.pq_train_points_per_centroid
+        nbits = tuple(b for b in PQ_NBITS_AUTO if b == 8 or per << b <= sample)
     return sorted(((m, b) for m in ms for b in nbits), key=lambda mb: (-mb[0] * mb[1], -mb[0]))
 
 
@@ -424,10 +432,15 @@ def _auto_plan(shape: _Shape) -> IndexPlan:
 
 
 def train_sample_size(plan: IndexPlan, count: int, config: BuildConfig) -> int:
-    """Rows used to train: ``train_points_per_cell`` per IVF cell (PQ: >= 40 per PQ centroid)."""
+    """Rows used to train: ``train_points_per_cell`` per IVF cell, capped by
+    ``max_train_points``; IVF-PQ at least ``pq_train_points_per_centroid`` per PQ centroid,
+    capped by ``max_pq_train_points``."""
     if plan.kind in ("flat", "hnsw"):
         return 0
     want = config.train_points_per_cell * (plan.nlist or 1)
+    cap = config.max_train_points
     if plan.kind == "ivf_pq":
-        want = max(want, 40 << plan.pq_nbits)  # each sub-quantizer has 2**nbits centroids
-    return min(count, max(want, 1000), max(config.max_train_points, 1000))
+        # each sub-quantizer has 2**nbits centroids
+        want = max(want, config.pq_train_points_per_centroid << plan.pq_nbits)
+        cap = config.max_pq_train_points
+    return min(count, max(want, 1000), max(cap, 1000))

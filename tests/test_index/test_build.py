@@ -14,12 +14,12 @@ from clipforge.index import faiss_ops, store, tune
 from clipforge.index.build import run_build
 from clipforge.index.emb_dir import open_vectors, unit_rows
 from clipforge.index.plan import (
-    PQ_NBITS_AUTO,
     BuildConfig,
     default_nlist,
     estimate_bytes,
     parse_memory_size,
     plan_index,
+    train_sample_size,
 )
 
 from .synthetic import load_all, normalize, write_synthetic_embeddings
@@ -191,33 +191,35 @@ def test_auto_choice_respects_memory_budget() -> None:
 
 
 def test_ivf_pq_spends_the_budget_on_more_bits_a_code() -> None:
-    # 1M x 256 under autofaiss's 170 MiB: 2 dims per sub-quantizer with 10-bit codes fit (11
-    # would not); 10M under 2 GiB: 12 bits; a fixed pq_nbits is honoured as asked
-    for n, budget, factory in (
-        (1_000_000, "170M", "OPQ128,IVF4096,PQ128x10"),
-        (10_000_000, "2GB", "OPQ128,IVF16384,PQ128x12"),
-    ):
-        cfg = BuildConfig(memory_budget=parse_memory_size(budget))
-        plan = plan_index(n, 256, cfg)
-        assert (plan.factory, plan.pq_nbits) == (factory, int(factory.rsplit("x", 1)[1]))
-        assert plan.estimated_bytes <= cfg.memory_budget
-        assert f"PQ128x{plan.pq_nbits}" in plan.reason
-        if plan.pq_nbits < max(PQ_NBITS_AUTO):
-            one_more = estimate_bytes("ivf_pq", n, 256, nlist=plan.nlist or 0, pq_m=128,
-                                      opq=True, pq_nbits=plan.pq_nbits + 1)  # fmt: skip
-            assert one_more > cfg.memory_budget
+    # 1M x 256 under autofaiss's 170 MiB: 2 dims per sub-quantizer with 10-bit codes fit, 11
+    # would not
+    cfg = BuildConfig(memory_budget=parse_memory_size("170M"))
+    plan = plan_index(1_000_000, 256, cfg)
+    assert (plan.factory, plan.pq_nbits) == ("OPQ128,IVF4096,PQ128x10", 10)
+    assert plan.estimated_bytes <= cfg.memory_budget and "PQ128x10" in plan.reason
+    assert estimate_bytes("ivf_pq", 1_000_000, 256, nlist=4096, pq_m=128, opq=True,
+                          pq_nbits=11) > cfg.memory_budget  # fmt: skip
+    # the PQ training sample gives each centroid 480 points: 491,520 rows for 10 bits
+    assert train_sample_size(plan, 1_000_000, cfg) == 480 << 10
+    # 10M under 2 GiB: 11 bits would fit, but 2,048 centroids x 480 points is over the
+    # 500,000-row training cap, so 10 bits; a larger cap buys the 11th
+    ten_m = BuildConfig(memory_budget=parse_memory_size("2GB"))
+    assert plan_index(10_000_000, 256, ten_m).factory == "OPQ128,IVF16384,PQ128x10"
+    more = BuildConfig(memory_budget=parse_memory_size("2GB"), max_pq_train_points=1_000_000)
+    assert plan_index(10_000_000, 256, more).factory == "OPQ128,IVF16384,PQ128x11"
+    # a fixed pq_nbits is honoured as asked
     fixed = BuildConfig(memory_budget=parse_memory_size("170M"), pq_nbits=8)
     assert plan_index(1_000_000, 256, fixed).factory == "OPQ128,IVF4096,PQ128"
-    # more bits only where the training sample gives each centroid 40 points: 15,000 vectors
-    # cannot train 512 centroids a sub-quantizer, so auto stays at 8 bits
-    small = plan_index(15_000, 32, BuildConfig(memory_budget=500_000))  # PQ16x9 would fit
+    # 15,000 vectors cannot give 512 centroids a sub-quantizer 480 points: 8 bits, though
+    # PQ16x9 would fit this budget
+    small = plan_index(15_000, 32, BuildConfig(memory_budget=500_000))
     assert small.pq_nbits == 8, small
     with pytest.raises(ValueError, match=r"pq_nbits must be in 1\.\.16"):
         BuildConfig(pq_nbits=17)
 
 
 def test_more_bits_a_code_raise_the_recall_plateau(tmp_path: Path) -> None:
-    # 20,600 x 8 (enough to train 512 centroids a sub-quantizer): under a budget where 9-bit
+    # 20,600 x 8 (40 points for each of 512 centroids a sub-quantizer): under a budget where 9-bit
     # codes fit and 10-bit do not, auto builds PQ4x9 for real, within the budget, and its
     # plateau is above the same build with 8-bit codes
     n, dim = 20_600, 8
@@ -226,7 +228,8 @@ def test_more_bits_a_code_raise_the_recall_plateau(tmp_path: Path) -> None:
     budget = estimate_bytes("ivf_pq", n, dim, nlist=default_nlist(n), pq_m=4, pq_nbits=9) + 1000
     infos = {}
     for nbits in (None, 8):
-        cfg = BuildConfig(memory_budget=budget, opq=False, target_recall=0.999, pq_nbits=nbits)
+        cfg = BuildConfig(memory_budget=budget, opq=False, target_recall=0.999, pq_nbits=nbits,
+                          pq_train_points_per_centroid=40)  # fmt: skip
         infos[nbits] = run_build(emb, tmp_path / f"idx{nbits}", modalities=["image"],
                                  config=cfg, log=_silent)["modalities"]["image"]  # fmt: skip
     auto, eight = infos[None], infos[8]
