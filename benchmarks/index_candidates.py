@@ -38,8 +38,9 @@ def default_candidates(count: int, dim: int) -> list[str]:
     m = dim // 2  # 2 dims per 8-bit sub-quantizer: the finest PQ FAISS has fast kernels for
     return [
         f"IVF{nl},PQ{m}",  # 8-bit IVF-PQ, without the planner's OPQ rotation
-        # 10-bit codes (5 bits a dim, 160 B at 256-d): what the planner picks at 1M under
-        # 170 MiB; finer than 8 bits, scanned by FAISS's generic (non-SIMD) decoder
+        # 10-bit codes (5 bits a dim, 160 B at 256-d): the planner's codes at 1M under 170 MiB,
+        # here without its OPQ and on the shared coarse sample (160 rows a PQ centroid where
+        # the planner's build gives 480); scanned by FAISS's generic (non-SIMD) decoder
         f"IVF{nl},PQ{m}x10",
         f"IVF{nl}_HNSW32,PQ{m}",  # the 8-bit codes, HNSW search over the centroids
         f"IVF{nl},PQ{m}x4fs",  # 4-bit fast-scan PQ: half the bytes, SIMD-scanned

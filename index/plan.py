@@ -17,10 +17,10 @@ The rules of ``--kind auto`` (:func:`plan_index`), and why:
 - the codes: the most precise that fit ``memory_budget``, because precision bounds the recall
   any nprobe can reach: SQfp16 (2 bytes/dim, exact for float16 embeddings), then SQ8 (1
   byte/dim), then OPQ+PQ with the most bits per vector that fit (lossy: recall may plateau).
-  PQ spends them on 2 dims per sub-quantizer with 8 to 12 bits a code: at 1M x 256 under
-  autofaiss's 170 MiB, PQ128x10 (5 bits a dim) plateaus at recall@10 0.91 where PQ128x8
-  stops at 0.84. Codes beyond 8 bits scan ~2.7x slower (FAISS's generic decoder, no SIMD
-  kernel), but precision is what caps recall.
+  PQ spends them on as many sub-quantizers as fit (at least 2 dims each) with 8 to 12 bits a
+  code: at 1M x 256 under autofaiss's 170 MiB, PQ128x10 (5 bits a dim) plateaus at recall@10
+  0.91 where PQ128x8 stops at 0.84. Codes beyond 8 bits scan ~2.7x slower (FAISS's generic
+  decoder, no SIMD kernel), but precision is what caps recall.
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ class BuildConfig:
     ef_construction: int = 40
     """HNSW efConstruction (FAISS's default)."""
     pq_m: int | None = None
-    """IVF-PQ bytes per vector (sub-quantizers); None: the largest that fits the budget."""
+    """IVF-PQ sub-quantizers (each codes dim/M dims in ``pq_nbits`` bits); None: chosen with
+    the bits, the pair with the most bits per vector that fits the budget."""
     pq_nbits: int | None = None
     """Bits per PQ sub-quantizer code (2**nbits centroids each; 8 has the fastest scan, 4
-    trains much faster); None: the most from 8 to 12 that fit the budget (:data:`PQ_NBITS_AUTO`)."""
+    trains much faster); None: 8 without a budget, else the most of :data:`PQ_NBITS_AUTO`
+    that fit it and that the training sample allows (8 to 10 under the default caps)."""
     opq: bool = True
     """Rotate with OPQ before IVF-PQ (cheap at search time, notably better PQ codes)."""
     flat_max_count: int = 20_000
@@ -76,13 +78,16 @@ class BuildConfig:
     train_points_per_cell: int = 40
     """Training sample = this many points per IVF cell (FAISS warns below 39), capped below."""
     max_train_points: int = 200_000
-    """Cap on the training sample (k-means cost is sample x nlist x dim x iterations)."""
+    """Cap on the training sample of the IVF kinds but PQ (k-means cost is sample x nlist x
+    dim x iterations); IVF-PQ's is ``max_pq_train_points``."""
     pq_train_points_per_centroid: int = 480
-    """IVF-PQ trains on at least this many points per sub-quantizer centroid (2**nbits each);
-    fewer overfit the codebooks: at 1M x 256, PQ128x10 plateaus at recall@10 0.898 trained on
-    160 points a centroid, 0.911 on 480. Auto offers more than 8 bits only where they fit."""
+    """IVF-PQ's training sample holds at least this many rows per sub-quantizer centroid
+    (2**nbits each): the coarse k-means trains on all of them, FAISS's codebook training on
+    256 a centroid of them (its ``max_points_per_centroid``). At 1M x 256, PQ128x10 plateaus
+    at recall@10 0.898 with a 163,840-row sample (160 a centroid), 0.911 with 491,520. Auto
+    offers more than 8 bits only where the sample can be this large."""
     max_pq_train_points: int = 500_000
-    """Cap on IVF-PQ's training sample (its coarse k-means and codebooks both train on it)."""
+    """Cap on IVF-PQ's training sample."""
     kmeans_iterations: int = 10
     """k-means iterations for the IVF coarse quantizer."""
     opq_iterations: int = 25
@@ -109,6 +114,9 @@ class BuildConfig:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
         if self.pq_nbits is not None and not 1 <= self.pq_nbits <= 16:
             raise ValueError(f"pq_nbits must be in 1..16 (FAISS PQ codes), got {self.pq_nbits}")
+        for name in ("pq_train_points_per_centroid", "max_pq_train_points", "max_train_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         normalize_kind(self.kind)
 
 
@@ -169,7 +177,7 @@ class IndexPlan:
     search_param: str | None = None
     """The FAISS ParameterSpace name tuned for recall: nprobe, efSearch, or None (exact)."""
     pq_nbits: int = 8
-    """Bits per PQ code (ivf_pq): its training sample needs >= 40 points per PQ centroid."""
+    """Bits per PQ code (ivf_pq): its training sample grows with the 2**nbits centroids."""
 
 
 def default_nlist(count: int) -> int:
@@ -198,13 +206,22 @@ training slow, for little more recall."""
 def _pq_choices(count: int, dim: int, config: BuildConfig) -> list[tuple[int, int]]:
     """``(sub-quantizers M, bits a code)`` to try, most bits per vector first (at equal bits,
     more sub-quantizers of fewer bits: the faster scan). Auto offers more than 8 bits only
-    when the training sample can give each of the 2**nbits centroids
-    ``pq_train_points_per_centroid`` points."""
+    under a budget (without one nothing asks for finer, slower codes) and when the training
+    sample can give each of the 2**nbits centroids ``pq_train_points_per_centroid`` rows. A
+    fixed ``pq_nbits`` that the collection cannot train (fewer rows than centroids) is refused."""
     ms = [config.pq_m] if config.pq_m else _pq_m_choices(dim)
+    sample = min(count, config.max_pq_train_points)
     if config.pq_nbits is not None:
+        if sample < 1 << config.pq_nbits:
+            raise ValueError(
+                f"pq_nbits {config.pq_nbits} needs at least {1 << config.pq_nbits} training "
+                f"vectors (one per centroid; {config.pq_train_points_per_centroid} each are "
+                f"advised) but {count} x {dim} vectors give {sample}; lower pq_nbits"
+            )
         nbits: tuple[int, ...] = (config.pq_nbits,)
+    elif config.memory_budget is None:
+        nbits = (8,)
     else:
-        sample = min(count, config.max_pq_train_points)
         per = config.pq_train_points_per_centroid
         nbits = tuple(b for b in PQ_NBITS_AUTO if b == 8 or per << b <= sample)
     return sorted(((m, b) for m in ms for b in nbits), key=lambda mb: (-mb[0] * mb[1], -mb[0]))
@@ -221,8 +238,8 @@ def estimate_bytes(
     pq_nbits: int = 8,
 ) -> int:
     """Estimated index size in bytes (codes + ids + graph/quantizer + trained tables)."""
-    # the coarse centroids, and each list's length as stored (8 bytes; its two arrays' headers
-    # take about as much again in RAM)
+    # the coarse centroids, and ~16 bytes a list: its length as written (8), more in RAM (each
+    # list's two arrays) and on disk (24 bytes of on-disk list header)
     quantizer = nlist * dim * 4 + nlist * 16
     ids = 8 * count  # IVF stores int64 ids next to the codes
     if kind == "flat":
@@ -258,8 +275,9 @@ def plan_index(count: int, dim: int, config: BuildConfig) -> IndexPlan:
     """Choose the index kind and factory for ``count`` vectors of ``dim`` under the config.
 
     auto: exact search for small collections; otherwise IVF with the most precise codes that fit
-    the memory budget — SQfp16 (2 bytes/dim), SQ8 (1 byte/dim), OPQ+PQ (M bytes/vector) (the
-    module docstring says why). An explicit kind that does not fit the budget is an error.
+    the memory budget — SQfp16 (2 bytes/dim), SQ8 (1 byte/dim), OPQ+PQ (M x nbits / 8 bytes a
+    vector) (the module docstring says why). An explicit kind that does not fit the budget is
+    an error.
     """
     if count <= 0:
         raise ValueError("the collection is empty (0 vectors): nothing to index")
@@ -327,7 +345,7 @@ def _pq_plan(shape: _Shape, reason_prefix: str) -> IndexPlan | None:
                 pq_nbits=nbits,
                 reason=(
                     f"{reason_prefix}IVF{nlist} + {'OPQ-rotated ' if config.opq else ''}"
-                    f"PQ{m}x{nbits} ({m * nbits / 8:g} bytes/vector) "
+                    f"PQ{m}x{nbits} ({(m * nbits + 7) // 8} bytes/vector) "
                     f"needs ~{format_bytes(est)} <= budget {shape.budget_str}; "
                     "PQ codes lose precision, so recall may plateau below the target"
                 ),

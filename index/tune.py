@@ -97,7 +97,7 @@ def tune_search_params(
 
     If the target is out of reach (lossy codes: a doubling gains < :data:`PLATEAU_GAIN`, or the
     largest setting falls short), the smallest setting within :data:`PLATEAU_SLACK` of the best
-    recall seen is kept (bisected between the doublings), and ``reached`` is False. Either way
+    recall the doublings saw is kept (bisected between them), and ``reached`` is False. Either way
     the index is left set to the chosen value, so what is timed next is what was chosen.
     """
     name = plan.search_param

@@ -214,8 +214,15 @@ def test_ivf_pq_spends_the_budget_on_more_bits_a_code() -> None:
     # PQ16x9 would fit this budget
     small = plan_index(15_000, 32, BuildConfig(memory_budget=500_000))
     assert small.pq_nbits == 8, small
+    # without a budget nothing asks for finer, slower codes: 8 bits, as before
+    assert plan_index(1_000_000, 256, BuildConfig(kind="ivf_pq")).factory.endswith(",PQ128")
+    # a fixed pq_nbits the collection cannot train is refused at plan time, naming it
+    with pytest.raises(ValueError, match=r"pq_nbits 12 needs at least 4096 training vectors"):
+        plan_index(3000, 32, BuildConfig(kind="ivf_pq", pq_nbits=12))
     with pytest.raises(ValueError, match=r"pq_nbits must be in 1\.\.16"):
         BuildConfig(pq_nbits=17)
+    with pytest.raises(ValueError, match="max_pq_train_points must be >= 1"):
+        BuildConfig(max_pq_train_points=0)
 
 
 def test_more_bits_a_code_raise_the_recall_plateau(tmp_path: Path) -> None:
