@@ -118,6 +118,13 @@ def tune_search_params(
     if name is None:
         r = measure(0)
         return TuneResult({}, r, r >= target_recall, curve)
+
+    def settle(v: int, reached: bool) -> TuneResult:
+        """Leave the index at ``v`` (what is timed next is what was chosen) and report it."""
+        ps.set_index_parameter(index, name, float(v))
+        curve.sort(key=lambda c: c[name])
+        return TuneResult({name: v}, cache[v], reached, curve)
+
     if name == "nprobe":
         lo_v, hi_v = 1, int(plan.nlist or 1)
     else:  # efSearch: at least k candidates, and a generous ceiling
@@ -136,16 +143,10 @@ def tune_search_params(
             enough = max(cache.values()) - PLATEAU_SLACK
             chosen = min(x for x, r in cache.items() if r >= enough)
             below = [x for x in cache if x < chosen]  # each recalls < enough
-            chosen = _bisect(measure, max(below, default=chosen), chosen, enough)
-            ps.set_index_parameter(index, name, float(chosen))
-            curve.sort(key=lambda c: c[name])
-            return TuneResult({name: chosen}, cache[chosen], False, curve)
+            return settle(_bisect(measure, max(below, default=chosen), chosen, enough), False)
         prev, v = v, min(v * 2, hi_v)
     # bisect (prev fails, v passes) for the smallest passing value
-    hi = _bisect(measure, prev if prev is not None else v, v, target_recall)
-    ps.set_index_parameter(index, name, float(hi))
-    curve.sort(key=lambda c: c[name])
-    return TuneResult({name: hi}, cache[hi], True, curve)
+    return settle(_bisect(measure, prev if prev is not None else v, v, target_recall), True)
 
 
 def _bisect(measure: Callable[[int], float], lo: int, hi: int, enough: float) -> int:
